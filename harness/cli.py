@@ -1,0 +1,57 @@
+"""python-fire over a config dataclass: the dataclass fields are the flags.
+
+`command(TrainConfig, run, doc)` returns a function whose keyword arguments (signature and
+docstring) are generated from the dataclass, so `--help` lists every flag with its doc, and
+python-fire rejects unknown flags because the function takes no `**kwargs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from typing import Callable
+
+from harness.errors import HarnessError
+
+
+def command(config_cls, run: Callable, summary: str) -> Callable:
+    fields = dataclasses.fields(config_cls)
+
+    names = {f.name for f in fields}
+
+    def main(**flags):
+        try:
+            _check_argv(names)
+            run(config_cls(**flags))
+        except HarnessError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    main.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+            for f in fields
+        ]
+    )
+    args = "\n".join(f"    {f.name}: {f.metadata.get('doc', '')}" for f in fields)
+    main.__doc__ = f"{summary}\n\nArgs:\n{args}\n"
+    main.__name__ = run.__name__
+    return main
+
+
+
+def _check_argv(names: set[str]) -> None:
+    """Refuse unknown flags and stray words before any work starts.
+
+    python-fire reports an argument it could not consume only *after* calling the function,
+    which for a training run would be hours too late.
+    """
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            if name not in names:
+                raise HarnessError(f"unknown flag --{name}; see --help for the list")
+        elif not (i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1]):
+            raise HarnessError(f"unexpected argument {arg!r}: every option is a --flag")

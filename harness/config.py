@@ -1,0 +1,146 @@
+"""Training configuration: one frozen dataclass whose fields are the command-line flags.
+
+`launch/train.py` exposes exactly these fields through python-fire (see `harness.cli`), so the
+flag reference, `--help` and the `config.json` written into every run directory all come from
+here. Validation that needs no files or devices happens in `__post_init__`; checks that need the
+filesystem, the model or the world size live in `harness.preflight`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from harness.errors import HarnessError
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+
+
+def flag(default, doc: str):
+    """A dataclass field carrying its one-line flag documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # What to train.
+    model: str = flag("", "Local Hugging Face model folder (config.json + safetensors). Empty: the embedded tiny default model.")
+    data: str = flag("", "Training data: a .json/.jsonl/.csv/.parquet file or a datasets.save_to_disk folder. Empty: the bundled sample instructions.")
+    eval_data: str = flag("", "Held-out data in the same layout; its loss is reported every eval_steps and at the end. Empty: none (the bundled eval set when data is the default).")
+    task: str = flag("instruction", "Task that turns a row into (prompt, target): instruction.")
+    template: str = flag("", "Prompt template with {field} placeholders, or a path to a text file holding one. Empty: the task's default template.")
+    instruction_field: str = flag("instruction", "Row field holding the instruction (task=instruction).")
+    input_field: str = flag("input", "Row field holding the optional input (task=instruction); a missing field counts as empty.")
+    output_field: str = flag("output", "Row field holding the target response (task=instruction).")
+    trust_remote_code: bool = flag(False, "Allow the model folder to run its own Python code. Off unless you trust the folder.")
+
+    # Where it goes.
+    ds_config: str = flag("zero2", "DeepSpeed JSON config: a path, or the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload).")
+    output_dir: str = flag("runs/default", "Run directory: config.json, metrics.jsonl, tensorboard/, final/.")
+    overwrite: bool = flag(False, "Replace an existing run directory (only one this harness wrote) instead of refusing.")
+
+    # How long.
+    max_steps: int = flag(0, "Optimizer steps to run; 0: derived from epochs.")
+    epochs: float = flag(1.0, "Passes over the training data when max_steps is 0 (fractions allowed).")
+
+    # Batch: global batch = micro_batch_size x grad_accum_steps x world size, computed once.
+    micro_batch_size: int = flag(4, "Rows per forward pass on each rank.")
+    grad_accum_steps: int = flag(1, "Micro-batches accumulated per optimizer step on each rank.")
+
+    # Optimizer and schedule.
+    lr: float = flag(2e-5, "Peak learning rate (AdamW).")
+    weight_decay: float = flag(0.0, "AdamW decoupled weight decay.")
+    adam_beta1: float = flag(0.9, "AdamW beta1.")
+    adam_beta2: float = flag(0.999, "AdamW beta2.")
+    adam_eps: float = flag(1e-8, "AdamW epsilon.")
+    lr_schedule: str = flag("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
+    warmup_steps: int = flag(0, "Linear warmup steps from 0 to lr (exclusive with warmup_ratio).")
+    warmup_ratio: float = flag(0.0, "Warmup as a fraction of all steps (exclusive with warmup_steps).")
+    min_lr_ratio: float = flag(0.0, "Cosine/linear decay ends at lr x min_lr_ratio.")
+    max_grad_norm: float = flag(1.0, "Clip the global gradient norm to this value; 0 disables clipping.")
+
+    # Model execution.
+    seq_len: int = flag(0, "Maximum tokens per row (prompt + target); longer rows are truncated, prompt first. 0: min(2048, the model's maximum).")
+    dtype: str = flag("auto", "Training precision: auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.")
+    attn: str = flag("auto", "Attention kernel: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager.")
+    grad_ckpt: bool = flag(False, "Non-reentrant activation checkpointing: less memory, ~1/3 more compute.")
+
+    # Bookkeeping.
+    seed: int = flag(42, "Seed for data order and every RNG.")
+    log_every: int = flag(1, "Write metrics every N optimizer steps.")
+    eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
+    local_rank: int = flag(-1, "Set by the deepspeed launcher; the harness reads LOCAL_RANK from the environment instead.")
+
+    def __post_init__(self):
+        _coerce_types(self)
+        errors = []
+        if self.dtype not in DTYPES:
+            errors.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.attn not in ATTN_IMPLEMENTATIONS:
+            errors.append(f"--attn {self.attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            errors.append(f"--lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        for name in ("micro_batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            errors.append(f"--max_steps is 0 and --epochs is {self.epochs}: nothing to train; set one of them")
+        if self.lr <= 0:
+            errors.append(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            errors.append(f"--warmup_steps {self.warmup_steps} and --warmup_ratio {self.warmup_ratio} contradict; set only one")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            errors.append(f"--max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.weight_decay < 0:
+            errors.append(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.output_dir:
+            errors.append("--output_dir must not be empty")
+        if errors:
+            raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def flag_docs(cls=TrainConfig) -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+
+
+def _coerce_types(cfg) -> None:
+    """Make every field the type its annotation says.
+
+    python-fire parses flag values as Python literals, so `--model 7` arrives as an int and
+    `--lr 1` as an int; a frozen config must hold what its annotation promises.
+    """
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        want, value = hints[f.name], getattr(cfg, f.name)
+        try:
+            if want is bool:
+                if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                    value = value.lower() in ("true", "1")
+                if not isinstance(value, bool):
+                    raise ValueError
+            elif want is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif want is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif want is str:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise HarnessError(f"--{f.name} expects {want.__name__}, got {value!r}") from None
+        object.__setattr__(cfg, f.name, value)

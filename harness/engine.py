@@ -1,0 +1,116 @@
+"""Every DeepSpeed call the harness makes lives in this module.
+
+The training loop sees a `Engine` with four verbs: micro_step (forward + backward),
+finish_step (optimizer step at the accumulation boundary), eval_loss and full_state_dict.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # DeepSpeed would pick the CPU accelerator anyway, but warns about it on every rank.
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed  # noqa: E402  (must follow the accelerator choice above)
+
+from harness import dist  # noqa: E402
+from harness.loss import token_loss_sum  # noqa: E402
+
+
+def init_distributed() -> dist.DistInfo:
+    dist.ensure_launcher_env()
+    quiet_libraries()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.info()
+
+
+class Zero3LoadContext:
+    """Under ZeRO-3, `from_pretrained` must see the DeepSpeed config so it builds the model
+    inside `deepspeed.zero.Init` and each rank only ever holds its shard of the weights.
+    transformers finds the config through a global weak reference, so we keep it alive here
+    until the engine exists."""
+
+    def __init__(self, ds_config: dict):
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+
+    def release(self) -> None:
+        self._hf_config = None
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda):
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+        )
+        self.world_size = self.ds.world_size
+        self.zero_stage = self.ds.zero_optimization_stage()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.ds.device) for k, v in batch.items()}
+        logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"])
+
+    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float) -> float:
+        """Forward and backward one micro-batch; return its (unnormalised) loss sum.
+
+        DeepSpeed averages gradients over ranks; we do not let it divide by the accumulation
+        steps (scale_wrt_gas=False) and instead scale each micro-batch's loss sum by
+        world_size / step_tokens, where step_tokens counts the supervised tokens of the whole
+        optimizer step on all ranks. The accumulated gradient is then exactly the gradient of
+        the token-weighted step loss.
+        """
+        loss_sum = self.forward_loss_sum(batch)
+        self.ds.backward(loss_sum * (self.world_size / step_tokens), scale_wrt_gas=False)
+        self.ds.step()  # a no-op except at the accumulation boundary, where it updates
+        return float(loss_sum.detach())
+
+    def last_grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+        return float(self.forward_loss_sum(batch))
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The complete model weights on rank 0 (None elsewhere); all ranks must call it.
+
+        ZeRO-3 weights are gathered one layer at a time onto rank 0's CPU memory, never the
+        whole model on one device.
+        """
+        if self.zero_stage == 3:
+            return self.ds._zero3_consolidated_16bit_state_dict()
+        if self.ds.global_rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.ds.module.state_dict().items()}
+
+
+def quiet_libraries() -> None:
+    """Per-file progress bars from datasets/transformers drown the harness's own progress bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()

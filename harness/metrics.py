@@ -1,0 +1,48 @@
+"""Run-directory logging: metrics.jsonl, TensorBoard and the progress bar, on rank 0 only.
+
+Non-zero ranks get the same object with every method a no-op, so the training loop never
+checks ranks itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, enabled: bool, total_steps: int):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self._jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+        self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+        self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+
+    def progress(self, steps: int, loss: float, tokens_per_s: float) -> None:
+        if self.enabled:
+            self._bar.update(steps)
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._tb.close()
+            self._jsonl.close()

@@ -1,0 +1,122 @@
+"""Model and tokenizer: checks before loading, precision and attention choice, loading.
+
+Only local folders are read (HF_HUB_OFFLINE is forced by the launcher), weights only from
+safetensors, and the folder's own Python code runs only with --trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from harness.errors import HarnessError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_MAX_SEQ_LEN = 2048
+
+
+def check_model_dir(path: str, trust_remote_code: bool):
+    """Read and vet the model's config (cheap) before any weights are touched."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise HarnessError(f"--model {path}: no such folder (a local Hugging Face model folder is expected; "
+                           f"nothing is downloaded at run time)")
+    if not (folder / "config.json").is_file():
+        raise HarnessError(f"--model {path}: no config.json in the folder")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except ValueError as err:
+        raise HarnessError(f"--model {path}: cannot read config.json: {err}") from None
+    remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (remote_causal and trust_remote_code):
+        raise HarnessError(f"--model {path}: model_type {config.model_type!r} is not a causal (decoder) LM")
+    if not any(folder.glob("*.safetensors")):
+        raise HarnessError(f"--model {path}: no *.safetensors weights (only safetensors are loaded, "
+                           f"never pickled .bin files)")
+    return config
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def resolve_seq_len(requested: int, config) -> int:
+    limit = max_positions(config)
+    if requested == 0:
+        return min(DEFAULT_MAX_SEQ_LEN, limit) if limit else DEFAULT_MAX_SEQ_LEN
+    if limit and requested > limit:
+        raise HarnessError(f"--seq_len {requested} exceeds the model's maximum of {limit} positions "
+                           f"(max_position_embeddings)")
+    return requested
+
+
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise HarnessError(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
+                           f"use --dtype fp16 or fp32")
+    if requested == "fp16" and not cuda:
+        raise HarnessError("--dtype fp16 needs a GPU (DeepSpeed's fp16 path is not supported on CPU); "
+                           "use bf16 or fp32")
+    return requested
+
+
+def flash_attn_usable(device: torch.device, dtype: str) -> str | None:
+    """None if FlashAttention-2 can run here, else the reason it cannot."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed"
+    if device.type != "cuda":
+        return "FlashAttention-2 needs a CUDA GPU"
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return "FlashAttention-2 needs an Ampere or newer GPU"
+    if dtype not in ("bf16", "fp16"):
+        return "FlashAttention-2 needs bf16 or fp16"
+    return None
+
+
+def resolve_attention(requested: str, device: torch.device, dtype: str) -> str:
+    if requested == "auto":
+        return "flash_attention_2" if flash_attn_usable(device, dtype) is None else "sdpa"
+    if requested == "flash_attention_2":
+        reason = flash_attn_usable(device, dtype)
+        if reason:
+            raise HarnessError(f"--attn flash_attention_2: {reason}; use --attn sdpa")
+    return requested
+
+
+def load_tokenizer(path: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise HarnessError(f"--model {path}: cannot load its tokenizer: {err}") from None
+
+
+def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_code: bool):
+    """Load for training. Call inside `engine.Zero3LoadContext` so ZeRO-3 shards at load time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=DTYPES[dtype],
+        attn_implementation=attn,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+        use_safetensors=True,
+    )
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if grad_ckpt:
+        # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and with inputs that
+        # do not require grad; the reentrant variant silently drops gradients in those cases.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # from_pretrained returns eval mode, which also disables checkpointing
+    return model
