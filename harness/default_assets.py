@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import sentencepiece as spm
 
+from harness.tasks.instruction import PROMPT_NO_INPUT, PROMPT_WITH_INPUT  # one source for the template
+
 logger = logging.getLogger(__name__)
 
 # Bump whenever the tokenizer/model recipe changes so stale caches are not reused.
@@ -70,16 +72,6 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 DEFAULT_CACHE = "~/.cache/llm-ft-harness"
 # A build takes seconds; a partial build older than this belongs to a crashed process.
 STALE_BUILD_SECONDS = 3600
-
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic instruction data

@@ -116,7 +116,10 @@ def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_c
     if grad_ckpt:
         # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and with inputs that
         # do not require grad; the reentrant variant silently drops gradients in those cases.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()  # from_pretrained returns eval mode, which also disables checkpointing
     return model

@@ -41,7 +41,7 @@ class Plan:
     batch: ds_config.BatchPlan
     ds_config: dict
     total_steps: int
-    steps_per_epoch: int
+    sampler: data.StepSampler
     train_rows: list[data.TokenizedRow]
     eval_rows: list[data.TokenizedRow]
     tokenizer: object
@@ -61,7 +61,7 @@ class Plan:
                 "world_size": self.batch.world_size,
                 "global_batch_size": self.batch.global_batch_size,
                 "total_steps": self.total_steps,
-                "steps_per_epoch": self.steps_per_epoch,
+                "steps_per_epoch": self.sampler.steps_per_epoch,
                 "warmup_steps": warmup_steps(self.cfg, self.total_steps),
                 "data_stats": self.stats,
             },
@@ -127,7 +127,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
                             source=str(ds_config.resolve_path(cfg.ds_config)))
     return Plan(cfg, model_path, data_path, eval_path, seq_len, dtype, attn, batch, filled, total,
-                sampler.steps_per_epoch, train_rows, eval_rows, tokenizer,
+                sampler, train_rows, eval_rows, tokenizer,
                 stats={"rows": stats.rows, "prompt_truncated": stats.prompt_truncated,
                        "target_truncated": stats.target_truncated,
                        "zero_supervised_dropped": stats.zero_supervised})
@@ -169,9 +169,13 @@ def prepare_output_dir(plan: Plan, info: dist.DistInfo) -> Path:
         if out.exists() and any(out.iterdir()):
             shutil.rmtree(out)  # preflight proved it is our own run directory and --overwrite was given
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(plan.resolved(), indent=2) + "\n")
     dist.barrier()
     return out
+
+
+def write_config(plan: Plan, out: Path, info: dist.DistInfo) -> None:
+    if info.is_rank0:
+        (out / "config.json").write_text(json.dumps(plan.resolved(), indent=2) + "\n")
 
 
 def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
@@ -183,12 +187,13 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, cfg.grad_ckpt, cfg.trust_remote_code)
     engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps))
     load_ctx.release()
-    attn_used = getattr(engine.module.config, "_attn_implementation", plan.attn)
-    dist.print0(f"model {plan.model_path}: attention={attn_used} dtype={plan.dtype} zero_stage={engine.zero_stage} "
+    # Record the kernel transformers actually installed, not the one we asked for.
+    plan.attn = getattr(engine.module.config, "_attn_implementation", None) or plan.attn
+    write_config(plan, out, info)
+    dist.print0(f"model {plan.model_path}: attention={plan.attn} dtype={plan.dtype} zero_stage={engine.zero_stage} "
                 f"world_size={info.world_size} global_batch={plan.batch.global_batch_size} steps={plan.total_steps}")
 
-    sampler = data.StepSampler(len(plan.train_rows), cfg.micro_batch_size, cfg.grad_accum_steps,
-                               info.world_size, cfg.seed)
+    sampler = plan.sampler
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
     logger = MetricsLogger(out, info.is_rank0, plan.total_steps)
     losses: list[float] = []
@@ -223,7 +228,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                 "loss": loss, "lr": lr, "grad_norm": engine.last_grad_norm(),
                 "tokens": tokens_seen, "supervised_tokens": int(step_supervised),
                 "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-                "epoch": (step + 1) / plan.steps_per_epoch,
+                "epoch": (step + 1) / sampler.steps_per_epoch,
             })
             logger.progress(window_steps, loss, tokens_per_s)
             window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0

@@ -27,7 +27,7 @@ def check(message, **flags):
 def test_good_inputs_resolve(good):
     plan = preflight(TrainConfig(**good), CPU1)
     assert plan.seq_len == 512 and plan.dtype == "fp32" and plan.attn == "sdpa"
-    assert plan.steps_per_epoch == 32 and plan.total_steps == 32 and len(plan.train_rows) == 64
+    assert plan.sampler.steps_per_epoch == 32 and plan.total_steps == 32 and len(plan.train_rows) == 64
     assert plan.ds_config["train_batch_size"] == 2
 
 

@@ -89,3 +89,30 @@ def test_grad_ckpt_and_eager_attention_give_the_same_losses(reference_run, tiny_
     assert getattr(module, "is_activation_checkpointing", None) or module.is_gradient_checkpointing
     assert json.loads((result.output_dir / "config.json").read_text())["resolved"]["attn_implementation"] == "eager"
     assert result.losses == pytest.approx(losses, abs=TOL)
+
+
+def test_zero3_shards_at_load_time(tiny_model):
+    # from_pretrained inside the ZeRO-3 context builds the model under deepspeed.zero.Init:
+    # parameters come back as ZeRO-partitioned placeholders before any engine exists, so a
+    # model larger than one device never has to fit on one.
+    from harness import ds_config, engine, model
+    from harness.ds_config import BatchPlan
+
+    engine.init_distributed()
+    filled = ds_config.fill(ds_config.load("zero3"), TrainConfig(), BatchPlan(1, 1, 1), "fp32", on_cpu=True)
+    ctx = engine.Zero3LoadContext(filled)
+    loaded = model.load_model(str(tiny_model), "fp32", "sdpa", grad_ckpt=False, trust_remote_code=False)
+    ctx.release()
+    params = list(loaded.parameters())
+    assert params and all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
+    plain = model.load_model(str(tiny_model), "fp32", "sdpa", grad_ckpt=False, trust_remote_code=False)
+    assert not any(hasattr(p, "ds_id") for p in plain.parameters())
+
+
+def test_readme_lists_every_flag():
+    from conftest import ROOT
+    from harness.config import flag_docs
+
+    readme = (ROOT / "README.md").read_text()
+    for name, doc in flag_docs().items():
+        assert f"| `--{name}` |" in readme and doc in readme, name
