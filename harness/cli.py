@@ -15,23 +15,26 @@ from typing import Callable
 from harness.errors import HarnessError
 
 
-def command(config_cls, run: Callable, summary: str) -> Callable:
+def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...] = ()) -> Callable:
+    """`positional` names fields that may also be given as bare words, in that order."""
     fields = dataclasses.fields(config_cls)
-
     names = {f.name for f in fields}
 
-    def main(**flags):
+    def main(*args, **flags):
         try:
-            _check_argv(names)
+            _check_argv(names, len(positional))
+            flags.update(zip(positional, args))
             run(config_cls(**flags))
         except HarnessError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(getattr(err, "exit_code", 2))
 
     main.__signature__ = inspect.Signature(
         [
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-            for f in fields
+            inspect.Parameter(f.name,
+                              inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in positional else inspect.Parameter.KEYWORD_ONLY,
+                              default=f.default, annotation=f.type)
+            for f in sorted(fields, key=lambda f: f.name not in positional)
         ]
     )
     args = "\n".join(f"    {f.name}: {f.metadata.get('doc', '')}" for f in fields)
@@ -41,17 +44,20 @@ def command(config_cls, run: Callable, summary: str) -> Callable:
 
 
 
-def _check_argv(names: set[str]) -> None:
+def _check_argv(names: set[str], n_positional: int = 0) -> None:
     """Refuse unknown flags and stray words before any work starts.
 
     python-fire reports an argument it could not consume only *after* calling the function,
     which for a training run would be hours too late.
     """
     args = sys.argv[1:]
+    bare = 0
     for i, arg in enumerate(args):
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0].replace("-", "_")
             if name not in names:
                 raise HarnessError(f"unknown flag --{name}; see --help for the list")
         elif not (i > 0 and args[i - 1].startswith("--") and "=" not in args[i - 1]):
-            raise HarnessError(f"unexpected argument {arg!r}: every option is a --flag")
+            bare += 1
+            if bare > n_positional:
+                raise HarnessError(f"unexpected argument {arg!r}: every option is a --flag")

@@ -42,6 +42,13 @@ class TrainConfig:
     output_dir: str = flag("runs/default", "Run directory: config.json, metrics.jsonl, tensorboard/, final/.")
     overwrite: bool = flag(False, "Replace an existing run directory (only one this harness wrote) instead of refusing.")
 
+    # Checkpoints and failure handling.
+    save_steps: int = flag(0, "Save a resumable checkpoint every N optimizer steps, and at the end (0: never).")
+    keep_last: int = flag(3, "Keep the newest N verified checkpoints (0: keep all); the newest is never deleted.")
+    resume: str = flag("", "Resume: 'auto' (newest verified checkpoint in output_dir, else a fresh start) or a checkpoint folder.")
+    max_bad_steps: int = flag(5, "Abort after this many consecutive optimizer steps skipped for a non-finite loss or gradient norm.")
+    collective_timeout_s: int = flag(1800, "Seconds a collective may wait for the other ranks before the job fails, naming the lagging rank.")
+
     # How long.
     max_steps: int = flag(0, "Optimizer steps to run; 0: derived from epochs.")
     epochs: float = flag(1.0, "Passes over the training data when max_steps is 0 (fractions allowed).")
@@ -86,7 +93,7 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps"):
+        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "save_steps", "keep_last"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -103,6 +110,12 @@ class TrainConfig:
             errors.append(f"--max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         if self.weight_decay < 0:
             errors.append(f"--weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_bad_steps < 1:
+            errors.append(f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if self.collective_timeout_s < 1:
+            errors.append(f"--collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
+        if self.resume and self.overwrite:
+            errors.append("--resume and --overwrite contradict: one continues the run in output_dir, the other deletes it")
         if not self.output_dir:
             errors.append("--output_dir must not be empty")
         if errors:

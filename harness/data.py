@@ -12,11 +12,13 @@ label -100 and attention mask 0, so they change neither the loss nor any real to
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harness.errors import HarnessError
@@ -125,6 +127,16 @@ def tokenize(examples: list[Example], tokenizer, seq_len: int) -> tuple[list[Tok
             rows.append(tokenized)
     check_supervised(stats)
     return rows, stats
+
+
+def fingerprint(rows: list[TokenizedRow]) -> str:
+    """Identity of the tokenized training data; a resumed run must see the same rows."""
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(len(r.input_ids).to_bytes(8, "little"))
+        digest.update(np.asarray(r.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(r.labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_supervised(stats: TokenizeStats) -> None:

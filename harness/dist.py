@@ -91,3 +91,25 @@ def destroy() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 
+
+
+# Heartbeats: every rank records the step it is on in the job's rendezvous store, so that a
+# rank whose collective times out can name the rank that stopped making progress.
+HEARTBEAT_KEY = "harness/heartbeat/{}"
+
+
+def heartbeat(step: int) -> None:
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.distributed_c10d._get_default_store().set(HEARTBEAT_KEY.format(torch_dist.get_rank()), str(step))
+
+
+def last_heartbeats() -> dict[int, int | None]:
+    """rank -> the last step it reported (None: never reported)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return {}
+    store = torch_dist.distributed_c10d._get_default_store()
+    beats: dict[int, int | None] = {}
+    for rank in range(torch_dist.get_world_size()):
+        key = HEARTBEAT_KEY.format(rank)
+        beats[rank] = int(store.get(key)) if store.check([key]) else None
+    return beats

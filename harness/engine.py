@@ -7,6 +7,8 @@ finish_step (optimizer step at the accumulation boundary), eval_loss and full_st
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -20,10 +22,11 @@ from harness import dist  # noqa: E402
 from harness.loss import token_loss_sum  # noqa: E402
 
 
-def init_distributed() -> dist.DistInfo:
+def init_distributed(timeout_s: int = 1800) -> dist.DistInfo:
     dist.ensure_launcher_env()
     quiet_libraries()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               timeout=timedelta(seconds=timeout_s))
     return dist.info()
 
 
@@ -66,7 +69,7 @@ class Engine:
         logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return token_loss_sum(logits, batch["labels"])
 
-    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float) -> float:
+    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float, step: int = -1) -> float:
         """Forward and backward one micro-batch; return its (unnormalised) loss sum.
 
         DeepSpeed averages gradients over ranks; we do not let it divide by the accumulation
@@ -76,9 +79,31 @@ class Engine:
         the token-weighted step loss.
         """
         loss_sum = self.forward_loss_sum(batch)
+        if str(step) in os.environ.get("HARNESS_NAN_AT_STEPS", "").split(","):
+            loss_sum = loss_sum * float("nan")  # test hook: poison these (0-based) steps' loss
         self.ds.backward(loss_sum * (self.world_size / step_tokens), scale_wrt_gas=False)
         self.ds.step()  # a no-op except at the accumulation boundary, where it updates
         return float(loss_sum.detach())
+
+    def skipped_steps(self) -> int:
+        """Optimizer steps DeepSpeed refused because the gradient norm was not finite.
+
+        DeepSpeed's ZeRO optimizers check the global gradient norm (reduced over ranks) before
+        updating and, when it is NaN/Inf, zero the gradients and leave weights, optimizer state
+        and LR schedule untouched, on every rank alike. We read that decision rather than
+        re-deriving the norm from ZeRO's partitioned gradient buffers.
+        """
+        return int(self.ds.skipped_steps)
+
+    def save_state(self, folder: Path) -> None:
+        """Every rank writes its shard of weights, optimizer and LR-schedule state."""
+        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
     def last_grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
@@ -105,6 +130,25 @@ class Engine:
         if self.ds.global_rank != 0:
             return None
         return {k: v.detach().cpu() for k, v in self.ds.module.state_dict().items()}
+
+
+def consolidate_checkpoint(ds_folder: Path, out: Path, dtype: torch.dtype, max_shard_size: str) -> None:
+    """Write a DeepSpeed checkpoint's full weights as sharded safetensors, in one process.
+
+    DeepSpeed's converter reads the per-rank shards memory-mapped and materialises one output
+    shard at a time, so memory stays near one shard beyond what the OS pages in.
+    """
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
+
+    convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
+                                          safe_serialization=True, tag=ds_folder.name)
+
+
+def lazy_checkpoint_tensors(ds_folder: Path) -> dict:
+    """Name -> lazily materialised fp32 tensor (call .contiguous()) of a DeepSpeed checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
 
 
 def quiet_libraries() -> None:

@@ -7,3 +7,15 @@ without a traceback and exits with status 2. Anything else is a bug and keeps it
 
 class HarnessError(Exception):
     """Bad input or an impossible request, with a message naming the cause."""
+
+
+class TrainingAborted(HarnessError):
+    """Training cannot usefully go on (e.g. too many non-finite steps in a row)."""
+
+    exit_code = 3
+
+
+class CollectiveTimeout(HarnessError):
+    """A collective waited longer than --collective_timeout_s: some rank hung or died."""
+
+    exit_code = 4

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, enabled: bool, total_steps: int):
+    def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
@@ -20,8 +20,9 @@ class MetricsLogger:
         from tqdm import tqdm
 
         self._jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
-        self._tb = SummaryWriter(str(output_dir / "tensorboard"))
-        self._bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        # purge_step hides events a resumed run is about to log again.
+        self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -29,7 +30,7 @@ class MetricsLogger:
         record = {"step": step, **values}
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
     def progress(self, steps: int, loss: float, tokens_per_s: float) -> None:

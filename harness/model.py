@@ -7,6 +7,7 @@ safetensors, and the folder's own Python code runs only with --trust_remote_code
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -123,3 +124,15 @@ def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_c
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()  # from_pretrained returns eval mode, which also disables checkpointing
     return model
+
+
+def count_parameters(path: str) -> int:
+    """Parameters in a model folder, read from the safetensors headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total

@@ -10,17 +10,20 @@ every rank before any weights are loaded) -> `train_loop`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from harness import __version__, data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
+from harness import __version__, checkpoint, data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
 from harness.config import TrainConfig
-from harness.errors import HarnessError
+from harness.errors import CollectiveTimeout, HarnessError, TrainingAborted
 from harness.loss import supervised_tokens
 from harness.metrics import MetricsLogger
 from harness.schedule import lr_lambda, warmup_steps
@@ -46,6 +49,9 @@ class Plan:
     eval_rows: list[data.TokenizedRow]
     tokenizer: object
     stats: dict = field(default_factory=dict)
+    fingerprints: dict = field(default_factory=dict)  # model and data identity, checked on resume
+    resume_from: Path | None = None
+    resume_state: dict | None = None
 
     def resolved(self) -> dict:
         return {
@@ -78,7 +84,7 @@ class RunResult:
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    info = engine_mod.init_distributed()
+    info = engine_mod.init_distributed(cfg.collective_timeout_s)
     plan, error = None, None
     try:
         plan = preflight(cfg, info)
@@ -87,13 +93,28 @@ def run(cfg: TrainConfig) -> RunResult:
     error = dist.agree(error)
     if error:
         raise HarnessError(error)
-    return train_loop(plan, info)
+    try:
+        return train_loop(plan, info)
+    except RuntimeError as err:
+        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+            raise
+        raise CollectiveTimeout(describe_hang(info, cfg.collective_timeout_s, err)) from err
+
+
+def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception) -> str:
+    beats = dist.last_heartbeats()
+    mine = beats.get(info.rank)
+    laggards = {r: s for r, s in beats.items() if r != info.rank and (s is None or mine is None or s < mine)}
+    who = ", ".join(f"rank {r} (last at step {s})" for r, s in sorted(laggards.items())) or "unknown (no rank is behind)"
+    return (f"rank {info.rank} waited more than --collective_timeout_s {timeout_s} in a collective at step {mine}; "
+            f"lagging: {who}. First error: {str(err).splitlines()[0]}")
 
 
 def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
     """Check every input and resolve every setting; raise HarnessError naming what is wrong."""
     out = Path(cfg.output_dir)
-    check_output_dir(out, cfg.overwrite)
+    resume_from = checkpoint.resolve_resume(cfg.resume, out)
+    check_output_dir(out, cfg.overwrite, cfg.resume, resume_from)
 
     raw_ds = ds_config.load(cfg.ds_config)
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
@@ -126,11 +147,45 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
                             source=str(ds_config.resolve_path(cfg.ds_config)))
+    if cfg.save_steps:
+        check_checkpoint_room(out, model_mod.count_parameters(model_path), cfg, total)
+    fingerprints = {"model_fingerprint": model_fingerprint(model_config),
+                    "data_fingerprint": data.fingerprint(train_rows)}
+    resume_state = None
+    if resume_from is not None:
+        resume_state = checkpoint.check_compatible(resume_from, {
+            **fingerprints, "zero_stage": ds_config.zero_stage(filled), "world_size": info.world_size,
+            "global_batch_size": batch.global_batch_size, "seed": cfg.seed})
     return Plan(cfg, model_path, data_path, eval_path, seq_len, dtype, attn, batch, filled, total,
                 sampler, train_rows, eval_rows, tokenizer,
                 stats={"rows": stats.rows, "prompt_truncated": stats.prompt_truncated,
                        "target_truncated": stats.target_truncated,
-                       "zero_supervised_dropped": stats.zero_supervised})
+                       "zero_supervised_dropped": stats.zero_supervised},
+                fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state)
+
+
+# A checkpoint holds per parameter: fp32 master weights and two fp32 Adam moments (12 bytes),
+# plus the module weights (up to 4 bytes); RNG, config and tokenizer are small by comparison.
+CHECKPOINT_BYTES_PER_PARAM = 16
+
+
+def check_checkpoint_room(out: Path, n_params: int, cfg: TrainConfig, total_steps: int) -> None:
+    """Refuse to start a run whose checkpoints cannot fit, instead of failing hours in."""
+    saves = -(-total_steps // cfg.save_steps)
+    kept = min(saves, cfg.keep_last + 1 if cfg.keep_last else saves)  # +1: the new one before pruning
+    need = kept * n_params * CHECKPOINT_BYTES_PER_PARAM
+    existing = next(p for p in [out, *out.resolve().parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise HarnessError(f"--save_steps {cfg.save_steps} with --keep_last {cfg.keep_last} needs about "
+                           f"{need / 2**30:.1f} GiB for {kept} checkpoints of a {n_params / 1e9:.2f}B-parameter model, "
+                           f"but {existing} has {free / 2**30:.1f} GiB free; lower --keep_last or free space")
+
+
+def model_fingerprint(model_config) -> str:
+    """Identity of the architecture and shape, not of the folder it was read from."""
+    cfg = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def default_model_dir_on_rank0_first(default_assets) -> Path:
@@ -144,16 +199,25 @@ def default_model_dir_on_rank0_first(default_assets) -> Path:
     return path
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool, resume: str = "", resume_from: Path | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise HarnessError(f"--output_dir {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise HarnessError(f"--output_dir {out} is not empty; choose another folder or pass --overwrite")
     if not is_run_dir(out):
         raise HarnessError(f"--output_dir {out} is not empty and was not written by this harness "
-                           f"(no config.json with harness_version); refusing to delete it even with --overwrite")
+                           f"(no config.json with harness_version); refusing to {'delete' if overwrite else 'use'} it")
+    if resume_from is not None and continues_in_place(out, resume_from):
+        return
+    if resume == "auto" and not (out / "final").exists():
+        return  # an earlier attempt died before its first checkpoint: nothing to keep, start again
+    if not overwrite:
+        raise HarnessError(f"--output_dir {out} is not empty; choose another folder, pass --overwrite, "
+                           f"or --resume auto to continue from its newest checkpoint")
+
+
+def continues_in_place(out: Path, resume_from: Path | None) -> bool:
+    return resume_from is not None and out.resolve() in resume_from.resolve().parents
 
 
 def is_run_dir(out: Path) -> bool:
@@ -166,11 +230,20 @@ def is_run_dir(out: Path) -> bool:
 def prepare_output_dir(plan: Plan, info: dist.DistInfo) -> Path:
     out = Path(plan.cfg.output_dir)
     if info.is_rank0:
-        if out.exists() and any(out.iterdir()):
-            shutil.rmtree(out)  # preflight proved it is our own run directory and --overwrite was given
+        if continues_in_place(out, plan.resume_from):
+            drop_metrics_after(out / "metrics.jsonl", plan.resume_state["step"])
+        elif out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)  # preflight proved it is our own run directory and it may be replaced
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     return out
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Steps logged after the checkpoint we resume from will be run (and logged) again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        checkpoint.replace_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def write_config(plan: Plan, out: Path, info: dist.DistInfo) -> None:
@@ -190,36 +263,73 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     # Record the kernel transformers actually installed, not the one we asked for.
     plan.attn = getattr(engine.module.config, "_attn_implementation", None) or plan.attn
     write_config(plan, out, info)
+
+    start_step, tokens_seen, bad_steps = 0, 0, 0
+    last_saved = None
+    if plan.resume_from is not None:
+        checkpoint.restore(engine, plan.resume_from, info)
+        state = plan.resume_state
+        start_step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
+        last_saved = plan.resume_from
+        dist.print0(f"resumed from {plan.resume_from} at step {start_step}")
     dist.print0(f"model {plan.model_path}: attention={plan.attn} dtype={plan.dtype} zero_stage={engine.zero_stage} "
                 f"world_size={info.world_size} global_batch={plan.batch.global_batch_size} steps={plan.total_steps}")
 
     sampler = plan.sampler
     pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
-    logger = MetricsLogger(out, info.is_rank0, plan.total_steps)
+    logger = MetricsLogger(out, info.is_rank0, plan.total_steps, start_step)
+    stop = checkpoint.StopRequest()
     losses: list[float] = []
-    tokens_seen = 0
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
 
-    if plan.eval_rows:
+    def save(step: int) -> Path:
+        state = {"step": step, "epoch": step // sampler.steps_per_epoch,
+                 "rows_into_epoch": (step % sampler.steps_per_epoch) * sampler.global_batch,
+                 "micro_step": step * cfg.grad_accum_steps, "tokens_seen": tokens_seen, "bad_steps": bad_steps,
+                 "global_batch_size": plan.batch.global_batch_size, "seed": cfg.seed,
+                 **plan.fingerprints, "config": plan.resolved()}
+        return checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
+                               info, cfg.keep_last)
+
+    if plan.eval_rows and start_step == 0:
         log_eval(engine, plan, info, pad_id, logger, 0)  # the baseline every later eval is read against
     engine.train()
-    for step in range(plan.total_steps):
+    for step in range(start_step, plan.total_steps):
+        checkpoint.fault_point("step", step + 1)  # test hook: crash or hang here (HARNESS_CRASH_AT/HANG_AT)
+        dist.heartbeat(step + 1)
         step_start = time.perf_counter()
         lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
-        micro_batches = [data.collate([plan.train_rows[i] for i in rows], pad_id)
-                         for rows in sampler.step(step, info.rank)]
+        micro_rows = sampler.step(step, info.rank)
+        micro_batches = [data.collate([plan.train_rows[i] for i in rows], pad_id) for rows in micro_rows]
         local_supervised = sum(supervised_tokens(b["labels"]) for b in micro_batches)
         local_real = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         step_supervised, step_real = dist.all_reduce_sum([local_supervised, local_real])
 
-        local_loss_sum = sum(engine.micro_step(b, step_supervised) for b in micro_batches)
-        (loss_sum,) = dist.all_reduce_sum([local_loss_sum])  # also the step's sync point for timing
+        skipped_before = engine.skipped_steps()
+        local_loss_sum = sum(engine.micro_step(b, step_supervised, step) for b in micro_batches)
+        # One collective for the loss and for "has any rank been asked to stop"; it is also the
+        # step's sync point for timing.
+        loss_sum, stop_votes = dist.all_reduce_sum([local_loss_sum, float(stop.requested)])
         loss = loss_sum / step_supervised
         losses.append(loss)
         tokens_seen += int(step_real)
         step_time = time.perf_counter() - step_start
         window_tokens += step_real
         window_steps += 1
+
+        if engine.skipped_steps() > skipped_before or not math.isfinite(loss):
+            bad_steps += 1
+            rows = [plan.train_rows[i].row for r in range(info.world_size) for m in sampler.step(step, r) for i in m]
+            logger.log(step + 1, {"skipped_step": 1, "bad_steps": bad_steps, "loss": loss, "sample_rows": rows})
+            logger.write(f"step {step + 1}: non-finite loss or gradient norm; update skipped "
+                         f"({bad_steps} in a row); data rows {rows}")
+            if bad_steps >= cfg.max_bad_steps:
+                last_good = checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None)
+                raise TrainingAborted(f"{bad_steps} consecutive optimizer steps had a non-finite loss or gradient "
+                                      f"norm (last at step {step + 1}); aborting. Last good checkpoint: "
+                                      f"{last_good or 'none'}")
+        else:
+            bad_steps = 0
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total_steps:
             elapsed = time.perf_counter() - window_start
@@ -237,11 +347,23 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             log_eval(engine, plan, info, pad_id, logger, step + 1)
             engine.train()
 
+        if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == plan.total_steps):
+            last_saved = save(step + 1)
+        if stop_votes > 0:
+            if last_saved is None or last_saved.name != f"step-{step + 1}":
+                last_saved = save(step + 1)
+            logger.write(f"stop requested by signal: saved {last_saved}; exiting with {checkpoint.EXIT_REQUEUE} "
+                         f"(resume with --resume auto)")
+            logger.close()
+            dist.destroy()
+            sys.exit(checkpoint.EXIT_REQUEUE)
+
     if plan.eval_rows:
         log_eval(engine, plan, info, pad_id, logger, plan.total_steps)
     save_final(engine, plan, out, info)
     logger.close()
-    dist.print0(f"done: {plan.total_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
+    if losses:
+        dist.print0(f"done: {plan.total_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
     return RunResult(out, losses, engine, plan)
 
 
@@ -264,6 +386,14 @@ def log_eval(engine, plan, info, pad_id, logger, step: int) -> None:
     metrics = evaluate(engine, plan, info, pad_id)
     logger.log(step, metrics)
     logger.write(f"step {step}: eval loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+
+
+def save_hf_files(engine: engine_mod.Engine, plan: Plan, folder: Path) -> None:
+    """What an HF folder needs besides the weights: config, generation config, tokenizer."""
+    engine.module.config.save_pretrained(folder)
+    if getattr(engine.module, "generation_config", None) is not None:
+        engine.module.generation_config.save_pretrained(folder)
+    plan.tokenizer.save_pretrained(folder)
 
 
 def save_final(engine: engine_mod.Engine, plan: Plan, out: Path, info: dist.DistInfo) -> None:

@@ -1,0 +1,303 @@
+"""Checkpoints that cannot lie: atomic commit, verification, retention, exact resume.
+
+Layout of one checkpoint, `output_dir/checkpoints/step-N/`:
+
+    ds/                  DeepSpeed engine state (weights, optimizer, LR schedule), every rank's shard
+    trainer_state.json   step, data position, token counters, bad-step count, fingerprints, resolved config
+    rng-rank{R}.json     each rank's python / numpy / torch (/ cuda) RNG states
+    hf/                  model config + tokenizer, so launch/export.py needs nothing else
+    manifest.json        written last: every file with its size, step, world size, ZeRO stage, version
+
+Commit protocol: every rank writes into `step-N.tmp/` and fsyncs its own files; all ranks agree
+that writing succeeded; only then rank 0 writes the manifest, renames the folder to `step-N/`
+and replaces `latest` atomically. A folder whose manifest is missing or does not match the
+files on disk is never resumed from and never counts as a kept checkpoint, so a `kill -9` at
+any moment leaves either the previous checkpoint or the new one, never a half one.
+
+The data position needs no sampler state: the rows of step N are a pure function of
+(seed, N, global batch) (`data.StepSampler`), so the step counter is the position.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness import __version__, dist
+from harness.errors import HarnessError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+# Exit status meaning "a checkpoint was saved on request (signal); requeue me with --resume auto".
+# 75 is EX_TEMPFAIL from sysexits.h: a temporary failure, the caller is invited to retry.
+EXIT_REQUEUE = 75
+
+
+# -- fault injection for tests ----------------------------------------------------------------
+
+def fault_point(name: str, step: int) -> None:
+    """Test hook: fail here when the environment says so, else do nothing.
+
+    HARNESS_CRASH_AT=name dies like `kill -9`; HARNESS_ENOSPC_AT=name raises "No space left on
+    device"; HARNESS_HANG_AT=name blocks forever. HARNESS_FAULT_RANK and HARNESS_FAULT_STEP narrow it to one rank / one save. Tests use
+    these to prove that a crash or a full disk at every stage of a save loses nothing.
+    """
+    rank, at_step = os.environ.get("HARNESS_FAULT_RANK"), os.environ.get("HARNESS_FAULT_STEP")
+    if (rank and int(rank) != int(os.environ.get("RANK", 0))) or (at_step and int(at_step) != step):
+        return
+    if os.environ.get("HARNESS_CRASH_AT") == name:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("HARNESS_ENOSPC_AT") == name:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if os.environ.get("HARNESS_HANG_AT") == name:
+        signal.pause()  # hang like a stuck kernel or a dead NFS mount: only the launcher can end us
+
+
+# -- files ------------------------------------------------------------------------------------
+
+def write_json(path: Path, obj) -> None:
+    """Write and fsync, so a crash after this returns cannot leave a truncated file."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, owned) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and owned(path):
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+def owned_by(rank: int):
+    """Which files of a checkpoint this rank wrote: DeepSpeed names per-rank shards
+    `*pp_rank_{R}_*`; rank 0 writes everything without a rank in its name."""
+    def owned(path: Path) -> bool:
+        match = re.search(r"pp_rank_(\d+)_|rng-rank(\d+)\.json$", path.name)
+        if match:
+            return int(match.group(1) or match.group(2)) == rank
+        return rank == 0
+    return owned
+
+
+# -- RNG --------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# -- verification and discovery ---------------------------------------------------------------
+
+def verify(step_dir: Path) -> tuple[dict | None, str]:
+    """(manifest, "") if the checkpoint is complete on disk, else (None, why not)."""
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None, "no manifest (the save did not finish)"
+    except (OSError, ValueError) as err:
+        return None, f"unreadable manifest ({err})"
+    for rel, size in manifest.get("files", {}).items():
+        path = step_dir / rel
+        if not path.is_file():
+            return None, f"{rel} is missing"
+        if path.stat().st_size != size:
+            return None, f"{rel} has {path.stat().st_size} bytes, the manifest says {size}"
+    if not manifest.get("files"):
+        return None, "the manifest lists no files"
+    return manifest, ""
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Every `step-N` folder under root, oldest first (verified or not)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return sorted(found)
+
+
+def newest_verified(root: Path, warn=print) -> Path | None:
+    for step, path in reversed(checkpoints(root)):
+        manifest, why = verify(path)
+        if manifest is not None:
+            return path
+        warn(f"warning: ignoring checkpoint {path}: {why}")
+    return None
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete crash leftovers and all but the newest `keep_last` verified checkpoints."""
+    for leftover in root.glob("step-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    verified = [path for _, path in checkpoints(root) if verify(path)[0] is not None]
+    for path in verified[:-keep_last]:  # the newest verified one is always in the kept tail
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- save -------------------------------------------------------------------------------------
+
+def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist.DistInfo, keep_last: int) -> Path:
+    """Save and commit checkpoint `step-{step}`; every rank must call this."""
+    root = out / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    error = None
+    if info.is_rank0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = f"rank 0: {err}"
+    error = dist.agree(error)
+    if error is None:
+        try:
+            fault_point("save:start", step)
+            engine.save_state(tmp / "ds")
+            fault_point("save:after_engine", step)
+            write_json(tmp / f"rng-rank{info.rank}.json", rng_state())
+            if info.is_rank0:
+                write_json(tmp / STATE, trainer_state)
+                hf_files(tmp / "hf")
+            fsync_tree(tmp, owned_by(info.rank))
+        except OSError as err:
+            error = f"rank {info.rank}: {err}"
+        error = dist.agree(error)
+    if error is None and info.is_rank0:
+        try:
+            fault_point("save:before_manifest", step)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_json(tmp / MANIFEST, {
+                "step": step, "world_size": info.world_size, "zero_stage": engine.zero_stage,
+                "harness_version": __version__, "files": files,
+                "model_fingerprint": trainer_state["model_fingerprint"],
+            })
+            fault_point("save:before_rename", step)
+            if final.exists():  # the same step saved again, e.g. a signal right after a periodic save
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            fault_point("save:before_latest", step)
+            replace_atomically(root / "latest", final.name + "\n")
+            prune(root, keep_last)
+        except OSError as err:
+            error = f"rank 0: {err}"
+    error = dist.agree(error)
+    if error:
+        if info.is_rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise HarnessError(f"saving the checkpoint of step {step} failed ({error}); the earlier checkpoints "
+                           f"in {root} are intact")
+    return final
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+def resolve_resume(resume: str, out: Path) -> Path | None:
+    """The checkpoint folder to resume from, or None for a fresh start; raise if unusable."""
+    if not resume:
+        return None
+    if resume == "auto":
+        return newest_verified(out / "checkpoints", warn=dist.print0)
+    path = Path(resume)
+    if path.is_dir() and not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
+        path = newest_verified(path / "checkpoints", warn=dist.print0) or path  # a run directory was given
+    if not path.is_dir():
+        raise HarnessError(f"--resume {resume}: no such folder")
+    manifest, why = verify(path)
+    if manifest is None:
+        raise HarnessError(f"--resume {resume}: not a complete checkpoint: {why}")
+    return path
+
+
+def check_compatible(ckpt: Path, expected: dict) -> dict:
+    """Compare a checkpoint with the current run before any state is touched; return its state."""
+    manifest, _ = verify(ckpt)
+    state = json.loads((ckpt / STATE).read_text())
+    problems = []
+    if manifest["model_fingerprint"] != expected["model_fingerprint"]:
+        problems.append("it was written for another model (the model config differs)")
+    if manifest["zero_stage"] != expected["zero_stage"]:
+        problems.append(f"it was written with ZeRO stage {manifest['zero_stage']}, this run uses "
+                        f"{expected['zero_stage']}")
+    if manifest["world_size"] != expected["world_size"]:
+        problems.append(f"it was written by {manifest['world_size']} ranks and this run has "
+                        f"{expected['world_size']}; resuming on another world size is not supported "
+                        f"(each rank's optimizer shard and RNG state belong to its rank)")
+    for key, what in (("data_fingerprint", "training data or tokenization"), ("global_batch_size", "global batch size"),
+                      ("seed", "seed")):
+        if state.get(key) != expected[key]:
+            problems.append(f"the {what} differs ({state.get(key)} in the checkpoint, {expected[key]} now), "
+                            f"so its data position would mean other rows")
+    if problems:
+        raise HarnessError(f"cannot resume from {ckpt}:\n  " + "\n  ".join(problems))
+    return state
+
+
+def restore(engine, ckpt: Path, info: dist.DistInfo) -> None:
+    engine.load_state(ckpt / "ds")
+    set_rng_state(json.loads((ckpt / f"rng-rank{info.rank}.json").read_text()))
+
+
+# -- signals ----------------------------------------------------------------------------------
+
+class StopRequest:
+    """SIGUSR1 / SIGTERM only set a flag; the loop acts on it at the next step boundary, after
+    all ranks agree, so a signal that arrives during a save lets that save finish first."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True

@@ -1,0 +1,86 @@
+"""Turn a training checkpoint into a Hugging Face folder, without the ranks that wrote it.
+
+    python launch/export.py runs/exp1/checkpoints/step-1000 exported/ [--dtype bf16] [--max_shard_size 5GB]
+
+Any checkpoint (ZeRO-2 or ZeRO-3, any world size) is consolidated in one process on CPU by
+DeepSpeed's own converter, shard by shard from memory-mapped files, into sharded safetensors;
+config and tokenizer come from the checkpoint's `hf/` folder. The result is then reloaded with
+`from_pretrained` and compared tensor by tensor with the checkpoint before it is published
+(written to `OUT.tmp`, renamed to `OUT`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from harness import checkpoint
+from harness.errors import HarnessError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str = field(default="", metadata={"doc": "A checkpoint folder (output_dir/checkpoints/step-N) or a run directory (its newest checkpoint)."})
+    out: str = field(default="", metadata={"doc": "Folder to write the Hugging Face model into; must not exist or be empty."})
+    dtype: str = field(default="auto", metadata={"doc": "Weight dtype: auto (the training precision), fp32, bf16 or fp16."})
+    max_shard_size: str = field(default="5GB", metadata={"doc": "Largest safetensors shard, e.g. 5GB or 500MB."})
+
+    def __post_init__(self):
+        if not self.checkpoint or not self.out:
+            raise HarnessError("usage: launch/export.py CHECKPOINT OUT [--dtype ...] [--max_shard_size ...]")
+        if self.dtype not in ("auto", *DTYPES):
+            raise HarnessError(f"--dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+
+
+def export(cfg: ExportConfig) -> Path:
+    from harness import engine
+
+    ckpt = checkpoint.resolve_resume(cfg.checkpoint, Path(cfg.checkpoint))
+    out = Path(cfg.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HarnessError(f"{out} exists and is not empty; choose another folder")
+    state = json.loads((ckpt / checkpoint.STATE).read_text())
+    dtype_name = state["config"]["resolved"]["dtype"] if cfg.dtype == "auto" else cfg.dtype
+    dtype = DTYPES[dtype_name]
+
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    engine.consolidate_checkpoint(ckpt / "ds", staging, dtype, cfg.max_shard_size)
+    for item in (ckpt / "hf").iterdir():
+        shutil.copy2(item, staging / item.name)
+    set_config_dtype(staging / "config.json", dtype_name)
+    mismatches = compare_with_checkpoint(staging, ckpt, dtype)
+    if mismatches:
+        raise HarnessError(f"the exported weights differ from the checkpoint in {mismatches}; nothing published")
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)
+    print(f"exported {ckpt} -> {out} ({dtype_name}, verified against the checkpoint)")
+    return out
+
+
+def set_config_dtype(path: Path, dtype_name: str) -> None:
+    config = json.loads(path.read_text())
+    config["dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name]
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def compare_with_checkpoint(folder: Path, ckpt: Path, dtype: torch.dtype) -> list[str]:
+    """Reload the export through transformers and compare every tensor with the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    from harness import engine
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
+    expected = engine.lazy_checkpoint_tensors(ckpt / "ds")
+    bad = [name for name in expected if name not in loaded]
+    for name, lazy in expected.items():
+        if name in loaded and not torch.equal(loaded[name], lazy.contiguous().to(dtype)):
+            bad.append(name)
+    return bad

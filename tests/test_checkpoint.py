@@ -1,0 +1,339 @@
+"""Checkpoints: atomic commit under kill -9, bitwise resume, signals, NaN guard, export, hangs.
+
+Resumed runs are compared with uninterrupted ones bit for bit (fp32, CPU, deterministic):
+per-step losses and final weights.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, LAUNCHER_ENV_VARS, ROOT, as_argv, launch, launch_ok, parity_flags, read_metrics, train_losses
+from harness import checkpoint
+from harness.config import TrainConfig
+from harness.dist import DistInfo
+from harness.errors import HarnessError, TrainingAborted
+from harness.train import preflight, run
+
+CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+SAVE_STAGES = ["save:start", "save:after_engine", "save:before_manifest", "save:before_rename", "save:before_latest"]
+SECRET = "sk-live-DO-NOT-LEAK-4242"
+
+
+def ckpt_flags(model, data, out, **overrides):
+    return parity_flags(model, data, out, max_steps=8, save_steps=2, keep_last=2, **overrides)
+
+
+def final_weights(out):
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def assert_same_run(out, reference_out):
+    """Bitwise: the same per-step losses and the same final weights."""
+    assert train_losses(out) == train_losses(reference_out)
+    ref = final_weights(reference_out)
+    got = final_weights(out)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def with_env(**env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    return saved
+
+
+def restore_env(saved):
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def launch_with(env: dict, launcher, nproc, flags):
+    saved = with_env(**env)
+    try:
+        return launch(launcher, nproc, flags)
+    finally:
+        restore_env(saved)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, parity_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    launch_ok("python", 1, as_argv(ckpt_flags(tiny_model, parity_data, out)))
+    return out
+
+
+def test_periodic_checkpoints_retention_and_latest(uninterrupted):
+    root = uninterrupted / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6", "step-8"]  # keep_last 2
+    assert (root / "latest").read_text().strip() == "step-8"
+    manifest, why = checkpoint.verify(root / "step-8")
+    assert why == "" and manifest["step"] == 8 and manifest["world_size"] == 1 and manifest["zero_stage"] == 2
+    state = json.loads((root / "step-8" / checkpoint.STATE).read_text())
+    assert state["step"] == 8 and state["micro_step"] == 8 and state["epoch"] == 0 and state["rows_into_epoch"] == 32
+    assert state["tokens_seen"] == read_metrics(uninterrupted)[-1]["tokens"]
+    assert {"python", "numpy", "torch"} <= json.loads((root / "step-8" / "rng-rank0.json").read_text()).keys()
+    assert (root / "step-8" / "hf" / "config.json").exists() and (root / "step-8" / "hf" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("stage", SAVE_STAGES)
+def test_kill_at_each_save_stage_then_resume_is_bitwise(stage, uninterrupted, tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    flags = as_argv(ckpt_flags(tiny_model, parity_data, out))
+    crashed = launch_with({"HARNESS_CRASH_AT": stage, "HARNESS_FAULT_STEP": 4}, "python", 1, flags)
+    assert crashed.returncode == -signal.SIGKILL
+    newest = checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None)
+    assert newest.name == ("step-4" if stage == "save:before_latest" else "step-2")
+    resumed = launch_ok("python", 1, flags + ["--resume=auto"])
+    assert f"resumed from {newest}" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_kill_twice_mid_epoch_resumes_on_the_same_rows(uninterrupted, tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    flags = as_argv(ckpt_flags(tiny_model, parity_data, out))
+    for crash_step in (4, 7):  # steps 3 and 6 were checkpointed at 2 and 6: work is redone from there
+        crashed = launch_with({"HARNESS_CRASH_AT": "step", "HARNESS_FAULT_STEP": crash_step}, "python", 1,
+                              flags + ["--resume=auto"])
+        assert crashed.returncode == -signal.SIGKILL
+    launch_ok("python", 1, flags + ["--resume=auto"])
+    # Every step's loss equals the uninterrupted run's: each step saw the same rows and weights.
+    assert_same_run(out, uninterrupted)
+
+
+def test_two_ranks_zero3_rank_killed_mid_save_then_resume_and_export(tiny_model, parity_data, tmp_path):
+    flags = dict(ds_config="zero3", micro_batch_size=1, grad_accum_steps=2)
+    ref = tmp_path / "ref"
+    launch_ok("torchrun", 2, as_argv(ckpt_flags(tiny_model, parity_data, ref, **flags)))
+    out = tmp_path / "run"
+    argv = as_argv(ckpt_flags(tiny_model, parity_data, out, **flags))
+    crashed = launch_with({"HARNESS_CRASH_AT": "save:after_engine", "HARNESS_FAULT_RANK": 1, "HARNESS_FAULT_STEP": 6,
+                           "HARNESS_TEST_SECRET": SECRET}, "torchrun", 2, argv)
+    assert crashed.returncode != 0
+    assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None).name == "step-4"
+    saved = with_env(HARNESS_TEST_SECRET=SECRET)
+    try:
+        launch_ok("torchrun", 2, argv + ["--resume=auto"])
+    finally:
+        restore_env(saved)
+    assert_same_run(out, ref)
+
+    # Export the 2-rank ZeRO-3 checkpoint in one process; it must equal final/ exactly.
+    exported = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(out / "checkpoints" / "step-8"),
+                           str(exported)], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    final = final_weights(out)
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+
+    # No secret from the environment lands anywhere in the run directory.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the launcher's worker processes (read from /proc)."""
+    ranks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if ppid == launcher_pid and b"RANK" in env:
+            ranks[int(env[b"RANK"])] = int(entry)
+    return ranks
+
+
+def test_signal_saves_exits_75_and_resumes_bitwise(tiny_model, parity_data, tmp_path):
+    flags = dict(max_steps=200, save_steps=0, ds_config="zero2", micro_batch_size=2)
+    ref = tmp_path / "ref"
+    launch_ok("torchrun", 2, as_argv(parity_flags(tiny_model, parity_data, ref, **flags)))
+
+    out = tmp_path / "run"
+    argv = as_argv(parity_flags(tiny_model, parity_data, out, **flags))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(ROOT / "launch" / "train.py"),
+                             *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 3:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)  # one rank is enough: all ranks agree to stop
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "exitcode  : 75" in stderr or "exitcode: 75" in stderr, stderr[-3000:]
+    saved = checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None)
+    assert saved is not None and 3 <= int(saved.name.split("-")[1]) < 200
+    launch_ok("torchrun", 2, argv + ["--resume=auto"])
+    assert_same_run(out, ref)
+
+
+def test_plain_process_exits_75_on_sigterm(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"),
+                             *as_argv(parity_flags(tiny_model, parity_data, out, max_steps=400))],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == checkpoint.EXIT_REQUEUE
+    assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None) is not None
+
+
+def test_nan_step_is_skipped_with_weights_optimizer_and_schedule_unchanged(tiny_model, parity_data, tmp_path):
+    common = dict(lr_schedule="constant", warmup_steps=10)
+    clean = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "clean", max_steps=2, **common)))
+    saved = with_env(HARNESS_NAN_AT_STEPS="2")
+    try:
+        poisoned = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "nan", max_steps=3, **common)))
+    finally:
+        restore_env(saved)
+    a, b = clean.engine.module.state_dict(), poisoned.engine.module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # step 3 changed no weight
+    opt_a, opt_b = clean.engine.optimizer.optimizer.state, poisoned.engine.optimizer.optimizer.state
+    for sa, sb in zip(opt_a.values(), opt_b.values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert poisoned.engine.lr() == clean.engine.lr()  # the schedule did not advance
+    metrics = read_metrics(poisoned.output_dir)
+    skipped = [m for m in metrics if m.get("skipped_step")]
+    assert len(skipped) == 1 and skipped[0]["step"] == 3 and len(skipped[0]["sample_rows"]) == 4
+
+
+def test_consecutive_bad_steps_abort_naming_the_last_good_checkpoint(tiny_model, parity_data, tmp_path):
+    saved = with_env(HARNESS_NAN_AT_STEPS="2,3")
+    try:
+        with pytest.raises(TrainingAborted, match=r"2 consecutive .* Last good checkpoint: .*step-2"):
+            run(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run", max_bad_steps=2)))
+    finally:
+        restore_env(saved)
+
+
+def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tiny_model, parity_data, tmp_path):
+    start = time.time()
+    proc = launch_with({"HARNESS_HANG_AT": "step", "HARNESS_FAULT_RANK": 1, "HARNESS_FAULT_STEP": 3}, "torchrun", 2,
+                       as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
+    assert proc.returncode != 0 and time.time() - start < 10 + 60
+    assert "lagging: rank 1 (last at step 2)" in proc.stderr and "at step 3" in proc.stderr
+
+
+def test_full_disk_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    proc = launch_with({"HARNESS_ENOSPC_AT": "save:after_engine", "HARNESS_FAULT_STEP": 4}, "python", 1,
+                       as_argv(ckpt_flags(tiny_model, parity_data, out)))
+    assert proc.returncode == 2
+    assert "saving the checkpoint of step 4 failed" in proc.stderr and "No space left on device" in proc.stderr
+    assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None).name == "step-2"
+    assert not (out / "checkpoints" / "step-4.tmp").exists()
+
+
+def test_corrupted_checkpoints_are_never_resumed(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shard = next((out / "checkpoints" / "step-8" / "ds").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    warnings = []
+    assert checkpoint.newest_verified(out / "checkpoints", warn=warnings.append).name == "step-6"
+    assert "step-8" in warnings[0] and "bytes, the manifest says" in warnings[0]
+    with pytest.raises(HarnessError, match="not a complete checkpoint"):
+        checkpoint.resolve_resume(str(out / "checkpoints" / "step-8"), out)
+    (out / "checkpoints" / "step-6" / checkpoint.MANIFEST).unlink()
+    assert checkpoint.newest_verified(out / "checkpoints", warn=warnings.append) is None
+    assert "no manifest" in warnings[-1]
+
+
+def test_retention_never_counts_unverified_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        folder = root / f"step-{step}"
+        folder.mkdir(parents=True)
+        (folder / "w").write_text("x")
+        if step != 6:
+            checkpoint.write_json(folder / checkpoint.MANIFEST, {"files": {"w": 1}})
+    (root / "step-8.tmp").mkdir()
+    checkpoint.prune(root, keep_last=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-6"]  # step-6 is unverified, not kept-count
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(ds_config="zero3"), "ZeRO stage 2, this run uses 3"),
+    (dict(seed=4), "the seed differs"),
+    (dict(micro_batch_size=2), "global batch size differs"),
+])
+def test_resume_refuses_incompatible_runs_before_touching_state(change, message, uninterrupted, tiny_model, parity_data):
+    flags = ckpt_flags(tiny_model, parity_data, uninterrupted, resume="auto", **change)
+    with pytest.raises(HarnessError, match=message):
+        preflight(TrainConfig(**flags), CPU1)
+
+
+def test_resume_refuses_another_world_size_or_model(uninterrupted, tiny_model, parity_data, tmp_path):
+    flags = ckpt_flags(tiny_model, parity_data, uninterrupted, resume="auto", micro_batch_size=2)
+    with pytest.raises(HarnessError, match="written by 1 ranks and this run has 2"):
+        preflight(TrainConfig(**flags), DistInfo(0, 0, 2, torch.device("cpu")))
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HarnessError, match="another model"):
+        preflight(TrainConfig(**ckpt_flags(other, parity_data, uninterrupted, resume="auto")), CPU1)
+
+
+def test_resume_path_that_is_not_a_checkpoint(tiny_model, parity_data, tmp_path):
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(HarnessError, match="not a complete checkpoint: no manifest"):
+        preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run", resume=str(tmp_path / "junk"))), CPU1)
+    with pytest.raises(HarnessError, match="no such folder"):
+        preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run", resume=str(tmp_path / "nope"))), CPU1)
+
+
+def test_no_room_for_keep_last_is_refused(tiny_model, parity_data, tmp_path, monkeypatch):
+    import harness.train
+
+    monkeypatch.setattr(harness.train.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(HarnessError, match="--save_steps 2 with --keep_last 2 needs about .* GiB free"):
+        preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run")), CPU1)
+
+
+def test_resume_auto_without_checkpoint_restarts_an_unfinished_run_but_keeps_a_finished_one(uninterrupted, tmp_path):
+    flags = dict(model=str(uninterrupted / "final"), output_dir=str(uninterrupted), resume="auto")
+    with pytest.raises(HarnessError, match="is not empty"):
+        preflight(TrainConfig(**{**flags, "resume": ""}), CPU1)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    (crashed / "config.json").write_text(json.dumps({"harness_version": "0.1.0"}))
+    from harness.train import check_output_dir
+
+    check_output_dir(crashed, overwrite=False, resume="auto", resume_from=None)  # no error: start again
+    finished = tmp_path / "finished"
+    shutil.copytree(crashed, finished)
+    (finished / "final").mkdir()
+    with pytest.raises(HarnessError, match="is not empty"):
+        check_output_dir(finished, overwrite=False, resume="auto", resume_from=None)
