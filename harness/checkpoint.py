@@ -269,10 +269,6 @@ def check_compatible(ckpt: Path, expected: dict) -> dict:
     if manifest["zero_stage"] != expected["zero_stage"]:
         problems.append(f"it was written with ZeRO stage {manifest['zero_stage']}, this run uses "
                         f"{expected['zero_stage']}")
-    if manifest["world_size"] != expected["world_size"]:
-        problems.append(f"it was written by {manifest['world_size']} ranks and this run has "
-                        f"{expected['world_size']}; resuming on another world size is not supported "
-                        f"(each rank's optimizer shard and RNG state belong to its rank)")
     for key, what in (("data_fingerprint", "training data or tokenization"), ("global_batch_size", "global batch size"),
                       ("seed", "seed")):
         if state.get(key) != expected[key]:
@@ -283,9 +279,29 @@ def check_compatible(ckpt: Path, expected: dict) -> dict:
     return state
 
 
+def written_world_size(ckpt: Path) -> int:
+    return verify(ckpt)[0]["world_size"]
+
+
 def restore(engine, ckpt: Path, info: dist.DistInfo) -> None:
-    engine.load_state(ckpt / "ds")
-    set_rng_state(json.loads((ckpt / f"rng-rank{info.rank}.json").read_text()))
+    """Load engine and RNG state. On another world size, go through DeepSpeed's universal
+    checkpoint format (converted once, next to the original): weights, optimizer state and LR
+    schedule carry over exactly; the RNG streams cannot (ranks differ), so a run that draws
+    random numbers (dropout) continues statistically equivalent rather than bit for bit."""
+    old_world = written_world_size(ckpt)
+    if old_world == info.world_size:
+        engine.load_state(ckpt / "ds")
+        set_rng_state(json.loads((ckpt / f"rng-rank{info.rank}.json").read_text()))
+        return
+    universal = ckpt / "ds_universal"
+    if info.is_rank0 and not universal.exists():
+        staging = ckpt / "ds_universal.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        engine.convert_to_universal(ckpt / "ds", staging)
+        os.rename(staging, universal)
+    dist.barrier()
+    engine.load_state(universal)
+    set_rng_state(json.loads((ckpt / f"rng-rank{info.rank % old_world}.json").read_text()))
 
 
 # -- signals ----------------------------------------------------------------------------------

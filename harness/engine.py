@@ -105,6 +105,17 @@ class Engine:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
+    @staticmethod
+    def convert_to_universal(ds_folder: Path, out: Path) -> None:
+        """DeepSpeed's universal checkpoint: state re-sliced per parameter, loadable on any world size."""
+        import subprocess
+        import sys
+
+        # ds_to_universal is a script with its own worker pools; run it as DeepSpeed documents it.
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
+                        "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                        "--inject_missing_state"], check=True, capture_output=True, text=True)
+
     def last_grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None

@@ -152,6 +152,9 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
     fingerprints = {"model_fingerprint": model_fingerprint(model_config),
                     "data_fingerprint": data.fingerprint(train_rows)}
     resume_state = None
+    if resume_from is not None and checkpoint.written_world_size(resume_from) != info.world_size:
+        # Another world size: resume through DeepSpeed's universal checkpoint (see checkpoint.restore).
+        filled.setdefault("checkpoint", {})["load_universal"] = True
     if resume_from is not None:
         resume_state = checkpoint.check_compatible(resume_from, {
             **fingerprints, "zero_stage": ds_config.zero_stage(filled), "world_size": info.world_size,
@@ -400,9 +403,14 @@ def save_final(engine: engine_mod.Engine, plan: Plan, out: Path, info: dist.Dist
     """Write final/ as a plain HF folder (config, safetensors, tokenizer) from any ZeRO stage."""
     state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
     if info.is_rank0:
-        final, staging = out / "final", out / "final.tmp"
+        final, staging, previous = out / "final", out / "final.tmp", out / "final.previous"
         shutil.rmtree(staging, ignore_errors=True)
         engine.module.save_pretrained(staging, state_dict=state_dict)
         plan.tokenizer.save_pretrained(staging)
-        staging.rename(final)  # a crash mid-save leaves final.tmp, never a half-written final/
+        # A crash mid-save leaves final.tmp (or final.previous), never a half-written final/.
+        if final.exists():  # a resumed run that had already finished once
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()

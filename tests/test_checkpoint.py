@@ -29,7 +29,7 @@ SECRET = "sk-live-DO-NOT-LEAK-4242"
 
 
 def ckpt_flags(model, data, out, **overrides):
-    return parity_flags(model, data, out, max_steps=8, save_steps=2, keep_last=2, **overrides)
+    return parity_flags(model, data, out, **{"max_steps": 8, "save_steps": 2, "keep_last": 2, **overrides})
 
 
 def final_weights(out):
@@ -293,10 +293,7 @@ def test_resume_refuses_incompatible_runs_before_touching_state(change, message,
         preflight(TrainConfig(**flags), CPU1)
 
 
-def test_resume_refuses_another_world_size_or_model(uninterrupted, tiny_model, parity_data, tmp_path):
-    flags = ckpt_flags(tiny_model, parity_data, uninterrupted, resume="auto", micro_batch_size=2)
-    with pytest.raises(HarnessError, match="written by 1 ranks and this run has 2"):
-        preflight(TrainConfig(**flags), DistInfo(0, 0, 2, torch.device("cpu")))
+def test_resume_refuses_another_model(uninterrupted, tiny_model, parity_data, tmp_path):
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model, other)
     config = json.loads((other / "config.json").read_text())
@@ -337,3 +334,22 @@ def test_resume_auto_without_checkpoint_restarts_an_unfinished_run_but_keeps_a_f
     (finished / "final").mkdir()
     with pytest.raises(HarnessError, match="is not empty"):
         check_output_dir(finished, overwrite=False, resume="auto", resume_from=None)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
+def test_resume_on_another_world_size_through_universal_checkpoint(ds_config, tiny_model, parity_data, tmp_path):
+    """2 ranks write, 1 rank resumes (same global batch): the run continues as the 2-rank one did,
+    to fp32 rounding (1 and 2 ranks reduce gradients in a different order)."""
+    two = tmp_path / "two"
+    flags = dict(ds_config=ds_config, keep_last=0)
+    launch_ok("torchrun", 2, as_argv(ckpt_flags(tiny_model, parity_data, two, micro_batch_size=2, **flags)))
+    one = tmp_path / "one"
+    shutil.copytree(two, one)
+    for later in ("checkpoints/step-6", "checkpoints/step-8", "final"):
+        shutil.rmtree(one / later)
+    result = run(TrainConfig(**ckpt_flags(tiny_model, parity_data, one, micro_batch_size=4, resume="auto", **flags)))
+    assert (one / "checkpoints" / "step-4" / "ds_universal").is_dir()
+    assert train_losses(one) == pytest.approx(train_losses(two), abs=1e-5)
+    ref = final_weights(two)
+    assert all(torch.allclose(v, ref[k], atol=1e-5) for k, v in final_weights(one).items())
+    assert result.losses == pytest.approx(train_losses(two)[4:], abs=1e-5)
