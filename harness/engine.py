@@ -63,7 +63,13 @@ class Engine:
 
     def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.ds.device) for k, v in batch.items()}
-        logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        if "position_ids" in batch:
+            # Packed rows (harness.packing): the position ids alone delimit the samples; a 2D
+            # mask, or a KV cache, would make transformers attend across them.
+            inputs = {"position_ids": batch["position_ids"]}
+        else:
+            inputs = {"attention_mask": batch["attention_mask"]}
+        logits = self.ds(input_ids=batch["input_ids"], **inputs, use_cache=False).logits
         return token_loss_sum(logits, batch["labels"])
 
     def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from harness import __version__, data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
+from harness import __version__, data, data_cache, dist, ds_config, engine as engine_mod, model as model_mod, report, tasks
 from harness.config import TrainConfig
 from harness.errors import HarnessError
 from harness.loss import supervised_tokens
@@ -46,6 +46,8 @@ class Plan:
     eval_rows: list[data.TokenizedRow]
     tokenizer: object
     stats: dict = field(default_factory=dict)
+    batches: data.StepBatches | None = None  # step -> this rank's micro-batches, padded or packed
+    report: dict = field(default_factory=dict)  # data_report.json
 
     def resolved(self) -> dict:
         return {
@@ -80,8 +82,9 @@ class RunResult:
 def run(cfg: TrainConfig) -> RunResult:
     info = engine_mod.init_distributed()
     plan, error = None, None
+    nonce = dist.shared_nonce()  # before any check can fail, so every rank reaches this collective
     try:
-        plan = preflight(cfg, info)
+        plan = preflight(cfg, info, nonce)
     except HarnessError as err:
         error = str(err)
     error = dist.agree(error)
@@ -90,7 +93,7 @@ def run(cfg: TrainConfig) -> RunResult:
     return train_loop(plan, info)
 
 
-def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
+def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -> Plan:
     """Check every input and resolve every setting; raise HarnessError naming what is wrong."""
     out = Path(cfg.output_dir)
     check_output_dir(out, cfg.overwrite)
@@ -114,23 +117,42 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
 
     task = tasks.get(cfg.task)
     template = load_template(cfg.template)
-    train_rows, stats = data.tokenize(task.examples(data.read_rows(data_path), cfg, template), tokenizer, seq_len)
-    eval_rows = []
-    if eval_path:
-        eval_rows, _ = data.tokenize(task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template),
-                                     tokenizer, seq_len)
+    nonce = nonce or dist.shared_nonce()
+
+    def load(path: str, what: str) -> tuple[list[data.TokenizedRow], data.TokenizeStats, bool]:
+        tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
+                                              cfg.num_proc, info.local_rank, nonce, what)
+        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id)
+        data.check_supervised(stats, f"{what} {path}")
+        return rows, stats, hit
+
+    sources = data.parse_data_spec(data_path)
+    loaded = [load(path, "--data") for path, _ in sources]
+    for i, (rows, _, _) in enumerate(loaded):
+        for r in rows:
+            r.source = i
+    train_rows, in_mix = data.mix([rows for rows, _, _ in loaded], [w for _, w in sources], cfg.seed)
+    eval_rows = load(eval_path, "--eval_data")[0] if eval_path else []
 
     batch = ds_config.BatchPlan(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
-                               batch.world_size, cfg.seed)
+                               batch.world_size, cfg.seed, lengths=[len(r.input_ids) for r in train_rows],
+                               group_by_length=cfg.group_by_length)
+    batches = data.StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
                             source=str(ds_config.resolve_path(cfg.ds_config)))
+    data_report = report.build([report.SourceReport(path, weight, stats, n, hit)
+                                for (path, weight), (_, stats, hit), n in zip(sources, loaded, in_mix)],
+                               tokenizer, batches, min(total, sampler.steps_per_epoch), seq_len)
+    dist.print0(report.summary(data_report))
+    stats = [s for _, s, _ in loaded]
     return Plan(cfg, model_path, data_path, eval_path, seq_len, dtype, attn, batch, filled, total,
                 sampler, train_rows, eval_rows, tokenizer,
-                stats={"rows": stats.rows, "prompt_truncated": stats.prompt_truncated,
-                       "target_truncated": stats.target_truncated,
-                       "zero_supervised_dropped": stats.zero_supervised})
+                stats={"rows": sum(s.rows for s in stats), "prompt_truncated": sum(s.prompt_truncated for s in stats),
+                       "target_truncated": sum(s.target_truncated for s in stats),
+                       "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
+                batches=batches, report=data_report)
 
 
 def default_model_dir_on_rank0_first(default_assets) -> Path:
@@ -176,6 +198,7 @@ def prepare_output_dir(plan: Plan, info: dist.DistInfo) -> Path:
 def write_config(plan: Plan, out: Path, info: dist.DistInfo) -> None:
     if info.is_rank0:
         (out / "config.json").write_text(json.dumps(plan.resolved(), indent=2) + "\n")
+        (out / "data_report.json").write_text(json.dumps(plan.report, indent=2) + "\n")
 
 
 def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
@@ -194,7 +217,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                 f"world_size={info.world_size} global_batch={plan.batch.global_batch_size} steps={plan.total_steps}")
 
     sampler = plan.sampler
-    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
+    pad_id = data.pad_id(plan.tokenizer)
     logger = MetricsLogger(out, info.is_rank0, plan.total_steps)
     losses: list[float] = []
     tokens_seen = 0
@@ -206,8 +229,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     for step in range(plan.total_steps):
         step_start = time.perf_counter()
         lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
-        micro_batches = [data.collate([plan.train_rows[i] for i in rows], pad_id)
-                         for rows in sampler.step(step, info.rank)]
+        micro_batches = plan.batches(step, info.rank)  # padded or packed, the same samples either way
         local_supervised = sum(supervised_tokens(b["labels"]) for b in micro_batches)
         local_real = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         step_supervised, step_real = dist.all_reduce_sum([local_supervised, local_real])
