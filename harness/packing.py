@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from harness.data import IGNORE_INDEX  # noqa: E402  (one definition of the ignored label)
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
