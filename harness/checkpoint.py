@@ -270,7 +270,7 @@ def check_compatible(ckpt: Path, expected: dict) -> dict:
         problems.append(f"it was written with ZeRO stage {manifest['zero_stage']}, this run uses "
                         f"{expected['zero_stage']}")
     for key, what in (("data_fingerprint", "training data or tokenization"), ("global_batch_size", "global batch size"),
-                      ("seed", "seed")):
+                      ("seed", "seed"), ("batch_layout", "batch layout")):
         if state.get(key) != expected[key]:
             problems.append(f"the {what} differs ({state.get(key)} in the checkpoint, {expected[key]} now), "
                             f"so its data position would mean other rows")

@@ -71,6 +71,14 @@ class TrainConfig:
 
     # Model execution.
     seq_len: int = flag(0, "Maximum tokens per row (prompt + target); longer rows are truncated, prompt first. 0: min(2048, the model's maximum).")
+
+    # Data pipeline
+    packing: bool = flag(True, "Pack each step's samples into rows of up to seq_len tokens (best-fit decreasing); no token attends across samples. micro_batch_size then counts samples, not rows.")
+    group_by_length: int = flag(0, "Unpacked path only (--packing False): sort rows by length within windows of N global batches so micro-batches pad less; 0: off.")
+    num_proc: int = flag(0, "Processes that tokenize (datasets.map num_proc); 0: 1 for small data, else one per core up to 8.")
+    data_cache: str = flag("", "Folder for tokenized data cached by content (data, tokenizer, template, task, masking, seq_len, version). Empty: $HARNESS_CACHE/tokenized or ~/.cache/llm-ft-harness/tokenized.")
+
+    # Model execution, continued.
     dtype: str = flag("auto", "Training precision: auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.")
     attn: str = flag("auto", "Attention kernel: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager.")
     grad_ckpt: bool = flag(False, "Non-reentrant activation checkpointing: less memory, ~1/3 more compute.")
@@ -118,6 +126,10 @@ class TrainConfig:
             errors.append("--resume and --overwrite contradict: one continues the run in output_dir, the other deletes it")
         if not self.output_dir:
             errors.append("--output_dir must not be empty")
+        if self.group_by_length < 0 or self.num_proc < 0:
+            errors.append(f"--group_by_length and --num_proc must be >= 0, got {self.group_by_length}, {self.num_proc}")
+        if self.group_by_length and self.packing:
+            errors.append("--group_by_length sorts rows for the unpacked path; it needs --packing False")
         if errors:
             raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
 
@@ -157,3 +169,16 @@ def _coerce_types(cfg) -> None:
         except (TypeError, ValueError):
             raise HarnessError(f"--{f.name} expects {want.__name__}, got {value!r}") from None
         object.__setattr__(cfg, f.name, value)
+
+
+def flags_table(cls=TrainConfig) -> str:
+    """The README's flag reference, generated from the dataclass: `python -m harness.config`."""
+    lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in dataclasses.fields(cls):
+        default = '""' if f.default == "" else repr(f.default)
+        lines.append(f"| `--{f.name}` | `{default}` | {f.metadata.get('doc', '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(flags_table())

@@ -6,8 +6,12 @@ from the middle of the prompt, so both its start (BOS, the instruction) and its 
 `seq_len` (or its own length); if the row is still too long, the target is cut at the end, and
 that row loses its EOS. The target is therefore never removed entirely.
 
-Batches are padded on the right to the longest row in the micro-batch; pad positions carry
-label -100 and attention mask 0, so they change neither the loss nor any real token's logits.
+Unpacked batches are padded on the right to the longest row in the micro-batch; pad positions
+carry label -100 and attention mask 0, so they change neither the loss nor any real token's
+logits. Packed batches are built by `harness.packing` from the same steps' samples.
+
+Tokenization runs through `datasets.map(batched=True)`; `harness.data_cache` stores its result
+under a key of everything that changes the tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from harness.tasks.common import Example, name_rows
 
 IGNORE_INDEX = -100
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Part of the tokenization cache key: change it whenever tokenize_batch or truncate changes
+# what tokens or labels a row gets.
+MASKING_POLICY = "bos+prompt masked, target+eos trained; truncate prompt middle (floor seq_len/2), then target end; v1"
 # A row whose truncated form has no supervised token teaches nothing; a few are dropped and
 # reported, more than this share means the data or seq_len is wrong and we stop.
 MAX_ZERO_SUPERVISED_SHARE = 0.01
@@ -70,6 +77,7 @@ class TokenizedRow:
     row: int
     input_ids: list[int]
     labels: list[int]
+    source: int = 0  # which --data file (index into the mix), for reports
 
     @property
     def supervised(self) -> int:
@@ -83,6 +91,10 @@ class TokenizeStats:
     prompt_truncated: int = 0
     target_truncated: int = 0  # these rows also lost their EOS
     zero_supervised: list[int] = field(default_factory=list)
+    # Lengths before truncation (BOS and EOS included), for the preflight report.
+    prompt_lengths: list[int] = field(default_factory=list)
+    target_lengths: list[int] = field(default_factory=list)
+    ends_with_eos: int = 0  # kept rows whose last token is a supervised EOS
 
 
 def truncate(prompt: list[int], target: list[int], seq_len: int) -> tuple[list[int], list[int]]:
@@ -98,33 +110,68 @@ def truncate(prompt: list[int], target: list[int], seq_len: int) -> tuple[list[i
     return prompt, target[: seq_len - len(prompt)]
 
 
-def tokenize(examples: list[Example], tokenizer, seq_len: int) -> tuple[list[TokenizedRow], TokenizeStats]:
-    """Prompt and target are tokenized separately so the mask boundary is exact.
+def tokenize_batch(batch: dict, tokenizer, seq_len: int) -> dict:
+    """`datasets.map(batched=True)` function: prompt/target columns -> tokens, labels, lengths.
 
-    BOS (if the tokenizer has one) opens the prompt, EOS closes the target and is trained, so
-    the model learns to stop. Tokenizers differ on whether they add these themselves, so we
-    add them explicitly and ask the tokenizer for none.
+    Prompt and target are tokenized separately so the mask boundary is exact. BOS (if the
+    tokenizer has one) opens the prompt, EOS closes the target and is trained, so the model
+    learns to stop. Tokenizers differ on whether they add these themselves, so we add them
+    explicitly and ask the tokenizer for none.
     """
     eos = tokenizer.eos_token_id
-    if eos is None:
-        raise HarnessError("the tokenizer has no EOS token; the model could never learn to stop")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
-    targets = tokenizer([e.target for e in examples], add_special_tokens=False)["input_ids"]
-
-    stats = TokenizeStats(rows=len(examples))
-    rows: list[TokenizedRow] = []
-    for example, prompt, target in zip(examples, prompts, targets):
+    prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+    targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
+    out = {k: [] for k in ("input_ids", "labels", "prompt_len", "target_len", "prompt_truncated", "target_truncated")}
+    for prompt, target in zip(prompts, targets):
         prompt, target = bos + prompt, target + [eos]
         kept_prompt, kept_target = truncate(prompt, target, seq_len)
-        stats.prompt_truncated += len(kept_prompt) < len(prompt)
-        stats.target_truncated += len(kept_target) < len(target)
-        tokenized = TokenizedRow(example.row, kept_prompt + kept_target,
-                                 [IGNORE_INDEX] * len(kept_prompt) + kept_target)
-        if tokenized.supervised == 0:
-            stats.zero_supervised.append(example.row)
+        out["input_ids"].append(kept_prompt + kept_target)
+        out["labels"].append([IGNORE_INDEX] * len(kept_prompt) + kept_target)
+        out["prompt_len"].append(len(prompt))
+        out["target_len"].append(len(target))
+        out["prompt_truncated"].append(len(kept_prompt) < len(prompt))
+        out["target_truncated"].append(len(kept_target) < len(target))
+    return out
+
+
+def examples_dataset(examples: list[Example]):
+    import datasets
+
+    return datasets.Dataset.from_dict({"row": [e.row for e in examples], "prompt": [e.prompt for e in examples],
+                                       "target": [e.target for e in examples]})
+
+
+def tokenize_dataset(examples, tokenizer, seq_len: int, num_proc: int = 1):
+    """Examples dataset -> tokenized dataset (one row per example, dropped rows included)."""
+    if tokenizer.eos_token_id is None:
+        raise HarnessError("the tokenizer has no EOS token; the model could never learn to stop")
+    return examples.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+                        remove_columns=["prompt", "target"], desc="tokenize")
+
+
+def rows_from_dataset(tokenized, eos_id: int, source: int = 0) -> tuple[list[TokenizedRow], TokenizeStats]:
+    """Tokenized dataset -> training rows (rows without a supervised token dropped) + stats."""
+    columns = tokenized.to_dict()
+    stats = TokenizeStats(rows=len(tokenized), prompt_truncated=sum(columns["prompt_truncated"]),
+                          target_truncated=sum(columns["target_truncated"]),
+                          prompt_lengths=columns["prompt_len"], target_lengths=columns["target_len"])
+    rows: list[TokenizedRow] = []
+    for row, input_ids, labels in zip(columns["row"], columns["input_ids"], columns["labels"]):
+        tokenized_row = TokenizedRow(row, input_ids, labels, source)
+        if tokenized_row.supervised == 0:
+            stats.zero_supervised.append(row)
         else:
-            rows.append(tokenized)
+            rows.append(tokenized_row)
+            stats.ends_with_eos += labels[-1] == eos_id
+    return rows, stats
+
+
+def tokenize(examples: list[Example], tokenizer, seq_len: int, num_proc: int = 1) -> tuple[list[TokenizedRow], TokenizeStats]:
+    """Examples -> training rows, uncached (harness.data_cache adds the cache)."""
+    tokenized = tokenize_dataset(examples_dataset(examples), tokenizer, seq_len, num_proc)
+    rows, stats = rows_from_dataset(tokenized, tokenizer.eos_token_id)
     check_supervised(stats)
     return rows, stats
 
@@ -139,12 +186,17 @@ def fingerprint(rows: list[TokenizedRow]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_supervised(stats: TokenizeStats) -> None:
+def check_supervised(stats: TokenizeStats, what: str = "") -> None:
     bad = stats.zero_supervised
     if bad and len(bad) > MAX_ZERO_SUPERVISED_SHARE * stats.rows:
-        raise HarnessError(f"{name_rows(bad)} ({len(bad)} of {stats.rows}) have no supervised token after "
+        raise HarnessError(f"{what + ': ' if what else ''}{name_rows(bad)} ({len(bad)} of {stats.rows}) have no supervised token after "
                            f"truncation to --seq_len; more than {MAX_ZERO_SUPERVISED_SHARE:.0%} means the "
                            f"data or --seq_len is wrong")
+
+
+def pad_id(tokenizer) -> int:
+    # Pad positions are masked by label and attention mask, never by id, so EOS works as pad.
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
@@ -169,10 +221,17 @@ class StepSampler:
     micro-step m a slice of it. The set of rows in a step therefore depends only on the seed
     and the global batch size, which is what makes grad-accum, world-size and ZeRO-stage
     variants comparable step by step.
+
+    `group_by_length` > 0 (unpacked path): each window of that many global batches of the
+    permutation is sorted by length, longest first, cut into global batches, and the batches
+    of the window are shuffled, so a micro-batch holds rows of similar length and pads less.
+    Steps are still a pure function of (seed, step) for the same data.
     """
 
-    def __init__(self, n_rows: int, micro_batch_size: int, grad_accum_steps: int, world_size: int, seed: int):
+    def __init__(self, n_rows: int, micro_batch_size: int, grad_accum_steps: int, world_size: int, seed: int,
+                 lengths: list[int] | None = None, group_by_length: int = 0):
         self.n_rows, self.mb, self.ga, self.ws, self.seed = n_rows, micro_batch_size, grad_accum_steps, world_size, seed
+        self.lengths, self.group_by_length = lengths, group_by_length
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.steps_per_epoch = n_rows // self.global_batch
         if self.steps_per_epoch == 0:
@@ -182,16 +241,115 @@ class StepSampler:
 
     def epoch_order(self, epoch: int) -> list[int]:
         order = list(range(self.n_rows))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        rng.shuffle(order)
+        if not self.group_by_length:
+            return order
+        gb, window = self.global_batch, self.group_by_length * self.global_batch
+        used = order[: self.steps_per_epoch * gb]  # the dropped tail must not land mid-epoch
+        grouped: list[int] = []
+        for w in range(0, len(used), window):
+            chunk = sorted(used[w: w + window], key=lambda i: -self.lengths[i])  # stable: ties keep shuffled order
+            batches = [chunk[i: i + gb] for i in range(0, len(chunk), gb)]
+            rng.shuffle(batches)
+            grouped += [i for b in batches for i in b]
+        return grouped
+
+    def step_rows(self, step: int) -> list[int]:
+        """Every row of global optimizer step `step` (0-based), all ranks together."""
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        start = in_epoch * self.global_batch
+        return self.epoch_order(epoch)[start: start + self.global_batch]
 
     def step(self, step: int, rank: int) -> list[list[int]]:
         """Row indices of each micro-batch of `rank` for global optimizer step `step` (0-based)."""
-        epoch, in_epoch = divmod(step, self.steps_per_epoch)
-        order = self.epoch_order(epoch)
-        start = in_epoch * self.global_batch + rank * self.mb * self.ga
-        block = order[start: start + self.mb * self.ga]
+        rows = self.step_rows(step)
+        block = rows[rank * self.mb * self.ga: (rank + 1) * self.mb * self.ga]
         return [block[m * self.mb: (m + 1) * self.mb] for m in range(self.ga)]
+
+
+class StepBatches:
+    """The tensors of each micro-batch of a rank in a step: padded or packed, same samples."""
+
+    def __init__(self, rows: list[TokenizedRow], sampler: StepSampler, pad_id: int, packing: bool, seq_len: int):
+        self.rows, self.sampler, self.pad_id, self.packing, self.seq_len = rows, sampler, pad_id, packing, seq_len
+        self.lengths = [len(r.input_ids) for r in rows]
+
+    def plan(self, step: int) -> list[list[list[list[int]]]]:
+        """[rank][micro-step] -> row-index groups: one group per packed bin, or one per micro-batch."""
+        from harness import packing
+
+        if self.packing:
+            return packing.pack_step(self.sampler.step_rows(step), self.lengths, self.seq_len,
+                                     self.sampler.ws, self.sampler.ga).micro
+        return [[[micro] for micro in self.sampler.step(step, rank)] for rank in range(self.sampler.ws)]
+
+    def __call__(self, step: int, rank: int) -> list[dict[str, torch.Tensor]]:
+        from harness import packing
+
+        if not self.packing:
+            return [collate([self.rows[i] for i in rows], self.pad_id) for rows in self.sampler.step(step, rank)]
+        return [packing.collate_packed([[(self.rows[i].input_ids, self.rows[i].labels) for i in b] for b in bins],
+                                       self.pad_id)
+                for bins in self.plan(step)[rank]]
+
+    def slots(self, step: int) -> tuple[int, int]:
+        """(real tokens, token slots computed) of a step on all ranks, without building tensors."""
+        real = slots = 0
+        for rank in self.plan(step):
+            for groups in rank:
+                if self.packing:
+                    widths = [sum(self.lengths[i] for i in g) for g in groups] or [1]  # filler: 1 slot
+                    slots += len(widths) * max(widths)
+                    real += sum(widths) if groups else 0
+                else:
+                    (rows,) = groups
+                    slots += len(rows) * max(self.lengths[i] for i in rows)
+                    real += sum(self.lengths[i] for i in rows)
+        return real, slots
+
+
+def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:
+    """`a.jsonl:0.7,b.jsonl:0.3` -> [(path, weight)]; a single path or a list without weights
+    gives weight None (every row once)."""
+    sources = []
+    for part in spec.split(","):
+        path, sep, weight = part.strip().rpartition(":")
+        try:
+            value = float(weight) if sep else None
+        except ValueError:
+            value, path = None, part.strip()  # a colon inside the path, no weight
+        if not sep:
+            path = weight
+        if not path:
+            raise HarnessError(f"--data {spec!r}: an empty path in the list")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise HarnessError(f"--data {spec!r}: weight {weight} of {path} must be a positive number")
+        sources.append((path, value))
+    weighted = [w is not None for _, w in sources]
+    if any(weighted) and not all(weighted):
+        raise HarnessError(f"--data {spec!r}: give every file a weight (a.jsonl:0.7,b.jsonl:0.3) or none")
+    return sources
+
+
+def mix(sources: list[list[TokenizedRow]], weights: list[float | None], seed: int) -> tuple[list[TokenizedRow], list[int]]:
+    """Rows of several sources in proportion to their weights, deterministic by seed.
+
+    An epoch keeps the total row count of all sources; source i contributes round(w_i x total)
+    rows: whole copies of itself, then a seeded sample without repetition for the remainder.
+    Without weights every row is used once. Returns the rows and the count per source.
+    """
+    if all(w is None for w in weights):
+        return [r for rows in sources for r in rows], [len(rows) for rows in sources]
+    total, weight_sum = sum(len(rows) for rows in sources), sum(weights)
+    mixed, counts = [], []
+    for i, (rows, weight) in enumerate(zip(sources, weights)):
+        want = round(weight / weight_sum * total)
+        copies, rest = divmod(want, len(rows))
+        picked = list(range(len(rows))) * copies + sorted(random.Random(seed * 7919 + i).sample(range(len(rows)), rest))
+        mixed += [rows[j] for j in picked]
+        counts.append(want)
+    return mixed, counts
 
 
 def total_steps(max_steps: int, epochs: float, steps_per_epoch: int) -> int:

@@ -82,6 +82,16 @@ def agree(error: str | None) -> str | None:
     return next((e for e in gathered if e), None)
 
 
+def shared_nonce() -> str:
+    """A random string that every rank of this job receives from rank 0 (one small collective)."""
+    import uuid
+
+    nonce = [uuid.uuid4().hex]
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.broadcast_object_list(nonce, src=0)
+    return nonce[0]
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()

@@ -45,6 +45,15 @@ class Zero3LoadContext:
         self._hf_config = None
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments for a padded or a packed batch (tests call the same)."""
+    if "position_ids" in batch:
+        # Packed rows (harness.packing): the position ids alone delimit the samples; a 2D
+        # mask, or a KV cache, would make transformers attend across them.
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +75,7 @@ class Engine:
 
     def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.ds.device) for k, v in batch.items()}
-        logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = self.ds(**model_inputs(batch)).logits
         return token_loss_sum(logits, batch["labels"])
 
     def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float, step: int = -1) -> float:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from harness import __version__, checkpoint, data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
+from harness import (__version__, checkpoint, data, data_cache, dist, ds_config, engine as engine_mod,
+                     model as model_mod, report, tasks)
 from harness.config import TrainConfig
 from harness.errors import CollectiveTimeout, HarnessError, TrainingAborted
 from harness.loss import supervised_tokens
@@ -52,6 +53,8 @@ class Plan:
     fingerprints: dict = field(default_factory=dict)  # model and data identity, checked on resume
     resume_from: Path | None = None
     resume_state: dict | None = None
+    batches: data.StepBatches | None = None  # step -> this rank's micro-batches, padded or packed
+    report: dict = field(default_factory=dict)  # data_report.json
 
     def resolved(self) -> dict:
         return {
@@ -86,8 +89,9 @@ class RunResult:
 def run(cfg: TrainConfig) -> RunResult:
     info = engine_mod.init_distributed(cfg.collective_timeout_s)
     plan, error = None, None
+    nonce = dist.shared_nonce()  # before any check can fail, so every rank reaches this collective
     try:
-        plan = preflight(cfg, info)
+        plan = preflight(cfg, info, nonce)
     except HarnessError as err:
         error = str(err)
     error = dist.agree(error)
@@ -110,7 +114,7 @@ def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception) -> str:
             f"lagging: {who}. First error: {str(err).splitlines()[0]}")
 
 
-def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
+def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -> Plan:
     """Check every input and resolve every setting; raise HarnessError naming what is wrong."""
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resolve_resume(cfg.resume, out)
@@ -135,22 +139,38 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
 
     task = tasks.get(cfg.task)
     template = load_template(cfg.template)
-    train_rows, stats = data.tokenize(task.examples(data.read_rows(data_path), cfg, template), tokenizer, seq_len)
-    eval_rows = []
-    if eval_path:
-        eval_rows, _ = data.tokenize(task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template),
-                                     tokenizer, seq_len)
+    nonce = nonce or dist.shared_nonce()
+
+    def load(path: str, what: str) -> tuple[list[data.TokenizedRow], data.TokenizeStats, bool]:
+        tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
+                                              cfg.num_proc, info.local_rank, nonce, what)
+        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id)
+        data.check_supervised(stats, f"{what} {path}")
+        return rows, stats, hit
+
+    sources = data.parse_data_spec(data_path)
+    loaded = [load(path, "--data") for path, _ in sources]
+    for i, (rows, _, _) in enumerate(loaded):
+        for r in rows:
+            r.source = i
+    train_rows, in_mix = data.mix([rows for rows, _, _ in loaded], [w for _, w in sources], cfg.seed)
+    eval_rows = load(eval_path, "--eval_data")[0] if eval_path else []
 
     batch = ds_config.BatchPlan(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
-                               batch.world_size, cfg.seed)
+                               batch.world_size, cfg.seed, lengths=[len(r.input_ids) for r in train_rows],
+                               group_by_length=cfg.group_by_length)
+    batches = data.StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
                             source=str(ds_config.resolve_path(cfg.ds_config)))
     if cfg.save_steps:
         check_checkpoint_room(out, model_mod.count_parameters(model_path), cfg, total)
     fingerprints = {"model_fingerprint": model_fingerprint(model_config),
-                    "data_fingerprint": data.fingerprint(train_rows)}
+                    "data_fingerprint": data.fingerprint(train_rows),
+                    # How samples are grouped into steps and laid out in rows: a resume under
+                    # other settings would see other batches.
+                    "batch_layout": f"packing={cfg.packing} group_by_length={cfg.group_by_length} seq_len={seq_len}"}
     resume_state = None
     if resume_from is not None and checkpoint.written_world_size(resume_from) != info.world_size:
         # Another world size: resume through DeepSpeed's universal checkpoint (see checkpoint.restore).
@@ -159,12 +179,18 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
         resume_state = checkpoint.check_compatible(resume_from, {
             **fingerprints, "zero_stage": ds_config.zero_stage(filled), "world_size": info.world_size,
             "global_batch_size": batch.global_batch_size, "seed": cfg.seed})
+    data_report = report.build([report.SourceReport(path, weight, stats, n, hit)
+                                for (path, weight), (_, stats, hit), n in zip(sources, loaded, in_mix)],
+                               tokenizer, batches, min(total, sampler.steps_per_epoch), seq_len)
+    dist.print0(report.summary(data_report))
+    stats = [s for _, s, _ in loaded]
     return Plan(cfg, model_path, data_path, eval_path, seq_len, dtype, attn, batch, filled, total,
                 sampler, train_rows, eval_rows, tokenizer,
-                stats={"rows": stats.rows, "prompt_truncated": stats.prompt_truncated,
-                       "target_truncated": stats.target_truncated,
-                       "zero_supervised_dropped": stats.zero_supervised},
-                fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state)
+                stats={"rows": sum(s.rows for s in stats), "prompt_truncated": sum(s.prompt_truncated for s in stats),
+                       "target_truncated": sum(s.target_truncated for s in stats),
+                       "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
+                fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state,
+                batches=batches, report=data_report)
 
 
 # A checkpoint holds per parameter: fp32 master weights and two fp32 Adam moments (12 bytes),
@@ -252,6 +278,7 @@ def drop_metrics_after(path: Path, step: int) -> None:
 def write_config(plan: Plan, out: Path, info: dist.DistInfo) -> None:
     if info.is_rank0:
         (out / "config.json").write_text(json.dumps(plan.resolved(), indent=2) + "\n")
+        (out / "data_report.json").write_text(json.dumps(plan.report, indent=2) + "\n")
 
 
 def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
@@ -279,7 +306,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                 f"world_size={info.world_size} global_batch={plan.batch.global_batch_size} steps={plan.total_steps}")
 
     sampler = plan.sampler
-    pad_id = plan.tokenizer.pad_token_id if plan.tokenizer.pad_token_id is not None else plan.tokenizer.eos_token_id
+    pad_id = data.pad_id(plan.tokenizer)
     logger = MetricsLogger(out, info.is_rank0, plan.total_steps, start_step)
     stop = checkpoint.StopRequest()
     losses: list[float] = []
@@ -302,8 +329,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         dist.heartbeat(step + 1)
         step_start = time.perf_counter()
         lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
-        micro_rows = sampler.step(step, info.rank)
-        micro_batches = [data.collate([plan.train_rows[i] for i in rows], pad_id) for rows in micro_rows]
+        micro_batches = plan.batches(step, info.rank)  # padded or packed, the same samples either way
         local_supervised = sum(supervised_tokens(b["labels"]) for b in micro_batches)
         local_real = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         step_supervised, step_real = dist.all_reduce_sum([local_supervised, local_real])

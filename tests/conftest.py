@@ -92,7 +92,8 @@ PARITY_STEPS = 6
 def parity_flags(model: Path, data: Path, out: Path, **overrides) -> dict:
     """One fixed fp32 run: only the batch layout, ZeRO stage and launcher vary between tests."""
     flags = dict(model=str(model), data=str(data), output_dir=str(out), max_steps=PARITY_STEPS, lr=1e-3,
-                 seed=3, dtype="fp32", micro_batch_size=4, grad_accum_steps=1, ds_config="zero2")
+                 seed=3, dtype="fp32", micro_batch_size=4, grad_accum_steps=1, ds_config="zero2",
+                 packing=False)  # the reference layout is padded; packed runs must equal it
     flags.update(overrides)
     return flags
 

@@ -1,0 +1,170 @@
+"""Tokenized data cached on disk, under a key of everything that changes the tokens.
+
+The key hashes: the data file's bytes (every file of a folder), the tokenizer's files, the
+resolved template, the task and its field names, the masking/truncation policy, seq_len and the
+harness version. Same key: the saved dataset is loaded and nothing is tokenized. Any change: a
+new key, a new tokenization. Entries are written to a temporary folder and renamed into place,
+so a crash never leaves a half-written entry that looks complete.
+
+Only local rank 0 of each node tokenizes; the other ranks of the node poll the filesystem for
+the entry (or for an error file naming what went wrong) instead of waiting in a collective,
+which would time out on a large dataset. `launch/prepare_data.py` writes the same entry into a
+folder of your choice, which `--data` accepts directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import __version__, data
+from harness.errors import HarnessError
+
+DEFAULT_CACHE = "~/.cache/llm-ft-harness"  # shared with harness.default_assets
+PREPARED_FILE = "prepared.json"  # marks a folder written by prepare_data (or a cache entry)
+TOKENIZER_FILE_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", ".model", ".tiktoken")
+WAIT_REPORT_S = 60.0
+AUTO_NUM_PROC_MIN_ROWS = 20_000
+
+
+def cache_root(flag: str) -> Path:
+    if flag:
+        return Path(flag).expanduser()
+    return Path(os.environ.get("HARNESS_CACHE", DEFAULT_CACHE)).expanduser() / "tokenized"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(model_path: str) -> str:
+    """The tokenizer's files in the model folder; weights and model config do not change tokens."""
+    h = hashlib.sha256()
+    folder = Path(model_path)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and any(k in p.name for k in TOKENIZER_FILE_HINTS))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyInputs:
+    """Everything that changes the tokens of a data file."""
+
+    data: str  # sha256 of the file(s)
+    tokenizer: str  # sha256 of the tokenizer files
+    template: str
+    task: str  # task name and its field names
+    masking: str
+    seq_len: int
+    harness_version: str
+
+    def key(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def key_inputs(data_path: str, model_path: str, cfg, template: str, seq_len: int) -> KeyInputs:
+    task = f"{cfg.task}:{cfg.instruction_field}/{cfg.input_field}/{cfg.output_field}"
+    return KeyInputs(file_digest(Path(data_path)), tokenizer_digest(model_path), template, task,
+                     data.MASKING_POLICY, seq_len, __version__)
+
+
+def is_prepared(path: str) -> bool:
+    return (Path(path) / PREPARED_FILE).is_file()
+
+
+def load_prepared(folder: Path, want: KeyInputs | None, what: str):
+    """A prepared folder's tokenized dataset; refused if it was made with other settings."""
+    import datasets
+
+    meta = json.loads((folder / PREPARED_FILE).read_text())
+    if want is not None:
+        made = meta["key_inputs"]
+        differ = [k for k, v in want.__dict__.items() if k != "data" and made.get(k) != v]
+        if differ:
+            raise HarnessError(f"{what} {folder}: prepared with other {', '.join(differ)} than this run "
+                               f"(prepared: {', '.join(f'{k}={made.get(k)!r}' for k in differ)}); "
+                               f"run launch/prepare_data.py again with this run's flags")
+    return datasets.load_from_disk(str(folder / "dataset"))
+
+
+def write_entry(final: Path, tokenized, inputs: KeyInputs, source: str) -> None:
+    staging = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tokenized.save_to_disk(str(staging / "dataset"))
+    (staging / PREPARED_FILE).write_text(json.dumps({"key": inputs.key(), "key_inputs": inputs.__dict__,
+                                                     "source": source, "rows": len(tokenized)}, indent=2) + "\n")
+    try:
+        staging.rename(final)
+    except OSError:  # another node's rank wrote the same entry first: keep theirs
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (final / PREPARED_FILE).is_file():
+            raise
+
+
+def build(data_path: str, cfg, task, template: str, tokenizer, seq_len: int, num_proc: int, what: str):
+    """Read, turn rows into examples (naming bad rows) and tokenize: no cache involved."""
+    examples = task.examples(data.read_rows(data_path, what), cfg, template)
+    if num_proc == 0:
+        # Starting worker processes costs about a second each: only worth it for large data.
+        num_proc = 1 if len(examples) < AUTO_NUM_PROC_MIN_ROWS else min(8, os.cpu_count() or 1)
+    return data.tokenize_dataset(data.examples_dataset(examples), tokenizer, seq_len, num_proc)
+
+
+def tokenized(data_path: str, model_path: str, cfg, task, template: str, tokenizer, seq_len: int,
+              num_proc: int, local_rank: int, nonce: str, what: str = "--data"):
+    """The tokenized dataset of one data file, from the cache or made (and cached) now.
+
+    `nonce` is the same on every rank of this job (and new for every job): it names the error
+    file a failing local rank 0 leaves for the others, so no rank trusts an old job's error.
+    Returns (dataset, cache_hit).
+    """
+    path = Path(data_path)
+    if not path.exists():
+        raise HarnessError(f"{what} {data_path}: no such file or folder")
+    inputs = key_inputs(data_path, model_path, cfg, template, seq_len)
+    if is_prepared(data_path):
+        return load_prepared(path, inputs, what), True
+    root = cache_root(cfg.data_cache)
+    entry = root / inputs.key()
+    error_file = root / f"{inputs.key()}.error-{nonce}"
+    if (entry / PREPARED_FILE).is_file():
+        return load_prepared(entry, None, what), True
+    if local_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            result = build(data_path, cfg, task, template, tokenizer, seq_len, num_proc, what)
+            write_entry(entry, result, inputs, str(path.resolve()))
+        except BaseException as err:
+            message = str(err) if isinstance(err, HarnessError) else f"tokenization failed on local rank 0: {err!r}"
+            error_file.write_text(message)
+            raise
+        return load_prepared(entry, None, what), False
+    return wait_for(entry, error_file, what), True
+
+
+def wait_for(entry: Path, error_file: Path, what: str):
+    """Poll for local rank 0's result: no collective, so no timeout however long it takes."""
+    start = last_report = time.monotonic()
+    while not (entry / PREPARED_FILE).is_file():
+        if error_file.is_file():
+            raise HarnessError(error_file.read_text())
+        if time.monotonic() - last_report > WAIT_REPORT_S:
+            last_report = time.monotonic()
+            print(f"rank {os.environ.get('RANK', 0)}: waiting for local rank 0 to tokenize {what} ({time.monotonic() - start:.0f} s)", flush=True)
+        time.sleep(0.2)
+    return load_prepared(entry, None, what)
