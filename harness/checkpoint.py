@@ -312,8 +312,12 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    def close(self) -> None:
+        """Give the process its former handlers back (matters when training runs in-process)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -384,6 +384,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             logger.write(f"stop requested by signal: saved {last_saved}; exiting with {checkpoint.EXIT_REQUEUE} "
                          f"(resume with --resume auto)")
             logger.close()
+            stop.close()
             dist.destroy()
             sys.exit(checkpoint.EXIT_REQUEUE)
 
@@ -391,6 +392,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         log_eval(engine, plan, info, pad_id, logger, plan.total_steps)
     save_final(engine, plan, out, info)
     logger.close()
+    stop.close()
     if losses:
         dist.print0(f"done: {plan.total_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
     return RunResult(out, losses, engine, plan)
