@@ -101,8 +101,8 @@ def test_non_empty_output_dir_is_refused_and_untouched(good, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    check("is not empty; choose another folder or pass --overwrite", **good)
-    check("not written by this harness.*refusing to delete", **{**good, "overwrite": True})
+    check("not written by this harness.*refusing to use it", **good)
+    check("not written by this harness.*refusing to delete it", **{**good, "overwrite": True})
     assert (out / "precious.txt").read_text() == "keep me"
 
 
