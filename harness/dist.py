@@ -82,6 +82,15 @@ def agree(error: str | None) -> str | None:
     return next((e for e in gathered if e), None)
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [obj]
+    gathered: list = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from harness import __version__, data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
+from harness import __version__, data, dist, ds_config, engine as engine_mod, evaluation, export, model as model_mod, tasks
 from harness.config import TrainConfig
 from harness.errors import HarnessError
 from harness.loss import supervised_tokens
@@ -46,6 +46,8 @@ class Plan:
     eval_rows: list[data.TokenizedRow]
     tokenizer: object
     stats: dict = field(default_factory=dict)
+    eval_set: evaluation.EvalSet | None = None
+    best: evaluation.BestTracker | None = None
 
     def resolved(self) -> dict:
         return {
@@ -64,6 +66,8 @@ class Plan:
                 "steps_per_epoch": self.sampler.steps_per_epoch,
                 "warmup_steps": warmup_steps(self.cfg, self.total_steps),
                 "data_stats": self.stats,
+                "eval_rows": len(self.eval_set.examples) if self.eval_set else 0,
+                "metric_for_best": self.best.metric if self.best else None,
             },
             "ds_config": self.ds_config,
         }
@@ -112,13 +116,22 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
 
+    if cfg.lora:
+        model_mod.check_lora_targets(model_config, cfg.lora_targets, cfg.trust_remote_code)
+
     task = tasks.get(cfg.task)
     template = load_template(cfg.template)
-    train_rows, stats = data.tokenize(task.examples(data.read_rows(data_path), cfg, template), tokenizer, seq_len)
-    eval_rows = []
+    train_examples = task.examples(data.read_rows(data_path), cfg, template)
+    eval_examples = []
     if eval_path:
-        eval_rows, _ = data.tokenize(task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template),
-                                     tokenizer, seq_len)
+        eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
+    elif cfg.eval_split:
+        train_examples, eval_examples = evaluation.split(train_examples, cfg.eval_split, cfg.seed)
+    train_rows, stats = data.tokenize(train_examples, tokenizer, seq_len)
+    eval_set = evaluation.prepare(task, eval_examples, cfg, tokenizer, seq_len) if eval_examples else None
+    eval_rows = eval_set.loss_rows if eval_set else []
+    best = evaluation.BestTracker(*evaluation.metric_for_best(task, cfg, eval_set is not None),
+                                  cfg.early_stopping_patience)
 
     batch = ds_config.BatchPlan(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
@@ -130,7 +143,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo) -> Plan:
                 sampler, train_rows, eval_rows, tokenizer,
                 stats={"rows": stats.rows, "prompt_truncated": stats.prompt_truncated,
                        "target_truncated": stats.target_truncated,
-                       "zero_supervised_dropped": stats.zero_supervised})
+                       "zero_supervised_dropped": stats.zero_supervised},
+                eval_set=eval_set, best=best)
 
 
 def default_model_dir_on_rank0_first(default_assets) -> Path:
@@ -185,6 +199,8 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
 
     load_ctx = engine_mod.Zero3LoadContext(plan.ds_config)
     model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, cfg.grad_ckpt, cfg.trust_remote_code)
+    if cfg.lora:
+        model = model_mod.apply_lora(model, cfg)
     engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps))
     load_ctx.release()
     # Record the kernel transformers actually installed, not the one we asked for.
@@ -234,45 +250,40 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
 
         if plan.eval_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < plan.total_steps:
-            log_eval(engine, plan, info, pad_id, logger, step + 1)
+            if log_eval(engine, plan, info, pad_id, logger, step + 1):
+                dist.print0(f"early stopping at step {step + 1}: {plan.best.metric} has not improved on "
+                            f"{plan.best.best:.4f} (step {plan.best.best_step}) for {cfg.early_stopping_patience} evaluations")
+                break
             engine.train()
 
-    if plan.eval_rows:
-        log_eval(engine, plan, info, pad_id, logger, plan.total_steps)
+    if plan.eval_rows and not plan.best.should_stop:
+        log_eval(engine, plan, info, pad_id, logger, len(losses))
     save_final(engine, plan, out, info)
     logger.close()
-    dist.print0(f"done: {plan.total_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
+    dist.print0(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
     return RunResult(out, losses, engine, plan)
 
 
-def evaluate(engine: engine_mod.Engine, plan: Plan, info: dist.DistInfo, pad_id: int) -> dict:
-    """Token-weighted loss over the eval rows, sharded over ranks."""
-    engine.eval()
-    rows = plan.eval_rows
-    loss_sum = tokens = 0.0
-    for slots in data.eval_batches(len(rows), plan.cfg.micro_batch_size, info.rank, info.world_size):
-        # Filler slots keep every rank in every ZeRO-3 forward; their labels are all masked.
-        batch = data.collate([rows[i] if i is not None else data.filler_row(rows[0]) for i in slots], pad_id)
-        loss_sum += engine.eval_loss_sum(batch)
-        tokens += supervised_tokens(batch["labels"])
-    loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
-    loss = loss_sum / tokens
-    return {"eval/loss": loss, "eval/ppl": float(torch.exp(torch.tensor(loss)))}
+def evaluate(engine: engine_mod.Engine, plan: Plan, info: dist.DistInfo) -> evaluation.EvalResult:
+    """Eval loss plus the task's metric (harness.evaluation), identical on every rank."""
+    return evaluation.evaluate(engine, plan.eval_set, info)
 
 
-def log_eval(engine, plan, info, pad_id, logger, step: int) -> None:
-    metrics = evaluate(engine, plan, info, pad_id)
-    logger.log(step, metrics)
-    logger.write(f"step {step}: eval loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+def log_eval(engine, plan, info, pad_id, logger, step: int) -> bool:
+    """Evaluate, log, write eval/step-N.*, keep best/; True when early stopping says stop."""
+    result = evaluate(engine, plan, info)
+    logger.log(step, result.metrics)
+    logger.write(evaluation.summary_line(step, result.metrics))
+    out = Path(plan.cfg.output_dir)
+    if info.is_rank0:
+        evaluation.write_step(result, out, step)
+    # Step 0 is the untrained baseline: a reference for the curve, not a candidate for best/.
+    if step > 0 and plan.best.update(step, result.metrics):
+        export.save_model(engine, plan, out, "best", info)
+    return plan.best.should_stop
 
 
 def save_final(engine: engine_mod.Engine, plan: Plan, out: Path, info: dist.DistInfo) -> None:
-    """Write final/ as a plain HF folder (config, safetensors, tokenizer) from any ZeRO stage."""
-    state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
-    if info.is_rank0:
-        final, staging = out / "final", out / "final.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        engine.module.save_pretrained(staging, state_dict=state_dict)
-        plan.tokenizer.save_pretrained(staging)
-        staging.rename(final)  # a crash mid-save leaves final.tmp, never a half-written final/
-    dist.barrier()
+    """Write final/ as a plain HF folder (config, safetensors, tokenizer) from any ZeRO stage;
+    with --lora the adapter (and merged/ with --merge_lora)."""
+    export.save_model(engine, plan, out, "final", info)
