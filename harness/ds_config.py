@@ -156,6 +156,10 @@ def fill_for_inference(raw: dict, batch_size: int, world_size: int, dtype: str) 
     """
     ds = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_") and k not in ("optimizer", "scheduler")}
     ds.pop("gradient_clipping", None)
+    if zero_stage(ds) in (1, 2):
+        # Stages 1-2 shard only optimizer state and gradients, which inference has none of (and
+        # DeepSpeed refuses them without an optimizer): every rank holds the weights either way.
+        ds["zero_optimization"] = {"stage": 0}
     ds.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1,
               train_batch_size=batch_size * world_size)
     for name in ("bf16", "fp16"):
