@@ -47,6 +47,7 @@ class EvalSet:
     loss_rows: list[data.TokenizedRow]
     prompts: list[list[int]]  # BOS + prompt tokens, truncated to leave room for the answer
     label_ids: list[list[int]]  # classification: each label's tokens + EOS
+    label_words: list[str]  # classification: the --labels words, in the order of label_ids
     tokenizer: object
     pad_id: int
     eos_id: int
@@ -75,8 +76,10 @@ def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: 
     if cfg.max_eval_samples:
         examples = examples[: cfg.max_eval_samples]
     label_ids: list[list[int]] = []
+    label_words: list[str] = []
     if task.EVAL_MODE == "labels":
         label_ids = task.label_token_ids(cfg, tokenizer)
+        label_words = task.parse_labels(cfg.labels)[0]
         room = max(len(ids) for ids in label_ids)
     else:
         room = cfg.max_new_tokens if task.EVAL_MODE == "generate" else 0
@@ -91,7 +94,8 @@ def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: 
     # room standing in for the target.
     prompts = [data.truncate(bos + ids, [0] * room, seq_len)[0] for ids in raw]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return EvalSet(task, cfg, examples, loss_rows, prompts, label_ids, tokenizer, pad_id, tokenizer.eos_token_id)
+    return EvalSet(task, cfg, examples, loss_rows, prompts, label_ids, label_words, tokenizer, pad_id,
+                   tokenizer.eos_token_id)
 
 
 def metric_for_best(task: ModuleType, cfg, has_eval: bool) -> tuple[str, bool]:
@@ -179,7 +183,7 @@ def label_scores(log_likelihood, prompts: list[list[int]], label_ids: list[list[
 
 
 def score_rows(engine, es: EvalSet, info: dist.DistInfo) -> list[dict]:
-    words = [es.tokenizer.decode(ids[:-1]) for ids in es.label_ids]
+    words = es.label_words
     out = []
     for slots in data.eval_batches(len(es.examples), es.cfg.eval_batch_size, info.rank, info.world_size):
         prompts = [es.prompts[i if i is not None else 0] for i in slots]

@@ -311,3 +311,18 @@ def test_readme_lists_every_evaluate_flag():
     readme = (ROOT / "README.md").read_text()
     for name, doc in flag_docs(EvalConfig).items():
         assert f"| `--{name}` |" in readme and doc in readme, name
+
+
+def test_evaluate_cli_lists_its_flags_and_refuses_training_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = str(ROOT / "launch" / "evaluate.py")
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    text = " ".join((shown.stdout + shown.stderr).split())
+    assert shown.returncode == 0 and all(f"--{name}=" in text for name in flag_docs(EvalConfig))
+    refused = subprocess.run([sys.executable, script, "--lora", "--model", "m", "--data", "d"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "unknown flag --lora" in refused.stderr
