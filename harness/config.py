@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from harness.errors import HarnessError
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+# Flags that change how a row becomes (prompt, target): part of the tokenization cache key.
+TASK_FIELDS = ("instruction_field", "input_field", "output_field", "text_field", "label_field", "labels",
+               "context_field", "question_field", "answers_field", "document_field", "summary_field")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -30,11 +33,20 @@ class TrainConfig:
     model: str = flag("", "Local Hugging Face model folder (config.json + safetensors). Empty: the embedded tiny default model.")
     data: str = flag("", "Training data: a .json/.jsonl/.csv/.parquet file or a datasets.save_to_disk folder. Empty: the bundled sample instructions.")
     eval_data: str = flag("", "Held-out data in the same layout; its loss is reported every eval_steps and at the end. Empty: none (the bundled eval set when data is the default).")
-    task: str = flag("instruction", "Task that turns a row into (prompt, target): instruction.")
+    task: str = flag("instruction", "Task that turns a row into (prompt, target) and defines its metric: instruction, classification, qa or summarization.")
     template: str = flag("", "Prompt template with {field} placeholders, or a path to a text file holding one. Empty: the task's default template.")
     instruction_field: str = flag("instruction", "Row field holding the instruction (task=instruction).")
     input_field: str = flag("input", "Row field holding the optional input (task=instruction); a missing field counts as empty.")
     output_field: str = flag("output", "Row field holding the target response (task=instruction).")
+    # Task-specific fields
+    text_field: str = flag("text", "Row field(s) holding the text to classify, comma-separated for several (task=classification).")
+    label_field: str = flag("label", "Row field holding the label, a name or an integer (task=classification).")
+    labels: str = flag("", "Label words, comma-separated (integer labels index them from 0), or a mapping like {0: 'negative', 1: 'positive'} (task=classification).")
+    context_field: str = flag("context", "Row field holding the passage (task=qa; official SQuAD JSON is read as is).")
+    question_field: str = flag("question", "Row field holding the question (task=qa).")
+    answers_field: str = flag("answers", "Row field holding the gold answers: a list of strings or of {text: ...} (task=qa).")
+    document_field: str = flag("document", "Row field holding the document to summarize, e.g. dialogue for SAMSum (task=summarization).")
+    summary_field: str = flag("summary", "Row field holding the reference summary (task=summarization).")
     trust_remote_code: bool = flag(False, "Allow the model folder to run its own Python code. Off unless you trust the folder.")
 
     # Where it goes.
@@ -87,6 +99,19 @@ class TrainConfig:
     seed: int = flag(42, "Seed for data order and every RNG.")
     log_every: int = flag(1, "Write metrics every N optimizer steps.")
     eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
+    # Evaluation and LoRA
+    eval_split: float = flag(0.0, "Hold out this seeded fraction of --data for evaluation when --eval_data is empty (0: none).")
+    eval_batch_size: int = flag(8, "Eval rows per forward on each rank (label scoring runs rows x labels sequences).")
+    max_new_tokens: int = flag(32, "Greedy generation length limit for generative metrics (task=qa, summarization).")
+    max_eval_samples: int = flag(0, "Evaluate on the first N eval rows only (0: all).")
+    metric_for_best: str = flag("", "Metric that picks best/ and drives early stopping, e.g. accuracy or loss. Empty: the task's main metric.")
+    early_stopping_patience: int = flag(0, "Stop after this many evaluations in a row without a better metric_for_best (0: never stop early).")
+    lora: bool = flag(False, "Train LoRA adapters (peft) instead of all weights; final/ then holds the adapter.")
+    lora_r: int = flag(8, "LoRA rank.")
+    lora_alpha: float = flag(16.0, "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r).")
+    lora_dropout: float = flag(0.0, "Dropout on the LoRA branch input.")
+    lora_targets: str = flag("q_proj,k_proj,v_proj,o_proj", "Comma-separated module names that get adapters, or all-linear.")
+    merge_lora: bool = flag(False, "With --lora, also write final/merged/: a full model with the adapter merged in.")
     local_rank: int = flag(-1, "Set by the deepspeed launcher; the harness reads LOCAL_RANK from the environment instead.")
 
     def __post_init__(self):
@@ -101,7 +126,11 @@ class TrainConfig:
         for name in ("micro_batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "save_steps", "keep_last"):
+        for name in ("eval_batch_size", "max_new_tokens", "lora_r"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
+                     "save_steps", "keep_last"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -130,6 +159,14 @@ class TrainConfig:
             errors.append(f"--group_by_length and --num_proc must be >= 0, got {self.group_by_length}, {self.num_proc}")
         if self.group_by_length and self.packing:
             errors.append("--group_by_length sorts rows for the unpacked path; it needs --packing False")
+        if not 0 <= self.eval_split < 1:
+            errors.append(f"--eval_split must be in [0, 1), got {self.eval_split}")
+        if self.eval_split and self.eval_data:
+            errors.append(f"--eval_split {self.eval_split} and --eval_data {self.eval_data} contradict; set only one")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.merge_lora and not self.lora:
+            errors.append("--merge_lora needs --lora")
         if errors:
             raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
 
@@ -182,3 +219,54 @@ def flags_table(cls=TrainConfig) -> str:
 
 if __name__ == "__main__":
     print(flags_table())
+
+# launch/evaluate.py: the flags it shares with training are TrainConfig's own fields (same names,
+# defaults and docs), so a task reads its field names from either config the same way.
+EVAL_SHARED_FLAGS = (
+    "task", "template", "instruction_field", "input_field", "output_field", "text_field", "label_field", "labels",
+    "context_field", "question_field", "answers_field", "document_field", "summary_field", "trust_remote_code",
+    "ds_config", "seq_len", "dtype", "attn", "seed", "eval_batch_size", "max_new_tokens", "max_eval_samples",
+    "local_rank",
+)
+
+
+def _eval_post_init(self) -> None:
+    _coerce_types(self)
+    errors = []
+    for name in ("model", "data", "output_dir"):
+        if not getattr(self, name):
+            errors.append(f"--{name} is required")
+    for name in ("eval_batch_size", "max_new_tokens"):
+        if getattr(self, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("seq_len", "max_eval_samples"):
+        if getattr(self, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
+    if self.dtype not in DTYPES:
+        errors.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+    if self.attn not in ATTN_IMPLEMENTATIONS:
+        errors.append(f"--attn {self.attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if errors:
+        raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
+
+
+def _make_eval_config():
+    hints = typing.get_type_hints(TrainConfig)
+    shared = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    own = [
+        ("model", str, flag("", "Model to evaluate: a local HF folder, a run's final/ or best/ (a LoRA adapter folder is merged into its base).")),
+        ("data", str, flag("", "Evaluation data: a .json/.jsonl/.csv/.tsv/.parquet file or a save_to_disk folder, in the task's layout.")),
+        ("output_dir", str, flag("eval_out", "Folder that receives metrics.json and predictions.jsonl.")),
+    ]
+    # ZeRO-3 by default: evaluation has no optimizer state, so sharding the weights is the only
+    # reason to use DeepSpeed here, and it lets a model larger than one device be evaluated.
+    defaults = {"ds_config": "zero3"}
+    fields = own + [(name, hints[name], flag(defaults.get(name, shared[name].default), shared[name].metadata["doc"]))
+                    for name in EVAL_SHARED_FLAGS]
+    cls = dataclasses.make_dataclass("EvalConfig", fields, frozen=True,
+                                     namespace={"__post_init__": _eval_post_init, "to_dict": dataclasses.asdict})
+    cls.__module__ = __name__
+    return cls
+
+
+EvalConfig = _make_eval_config()

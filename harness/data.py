@@ -29,7 +29,9 @@ from harness.errors import HarnessError
 from harness.tasks.common import Example, name_rows
 
 IGNORE_INDEX = -100
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+# GLUE-style .tsv files are tab-separated with literal quote characters inside fields.
+FORMAT_OPTIONS = {".tsv": {"sep": "\t", "quoting": 3}}
 # Part of the tokenization cache key: change it whenever tokenize_batch or truncate changes
 # what tokens or labels a row gets.
 MASKING_POLICY = "bos+prompt masked, target+eos trained; truncate prompt middle (floor seq_len/2), then target end; v1"
@@ -63,7 +65,8 @@ def read_rows(path_str: str, what: str = "--data"):
         if path.stat().st_size == 0:
             raise HarnessError(f"{what} {path_str}: the file is empty")
         try:
-            rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train",
+                                         **FORMAT_OPTIONS.get(path.suffix.lower(), {}))
         except Exception as err:  # parse errors surface as several exception types
             cause = err.__cause__ or err
             raise HarnessError(f"{what} {path_str}: cannot be read as {kind}: {type(cause).__name__}: {cause}") from None

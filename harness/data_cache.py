@@ -79,7 +79,9 @@ class KeyInputs:
 
 
 def key_inputs(data_path: str, model_path: str, cfg, template: str, seq_len: int) -> KeyInputs:
-    task = f"{cfg.task}:{cfg.instruction_field}/{cfg.input_field}/{cfg.output_field}"
+    from harness.config import TASK_FIELDS
+
+    task = json.dumps({"task": cfg.task, **{name: getattr(cfg, name) for name in TASK_FIELDS}}, sort_keys=True)
     return KeyInputs(file_digest(Path(data_path)), tokenizer_digest(model_path), template, task,
                      data.MASKING_POLICY, seq_len, __version__)
 

@@ -174,6 +174,44 @@ def generate_sample_instructions(n: int, seed: int) -> list[Row]:
     return [rng.choice(TASK_FAMILIES)(rng) for _ in range(n)]
 
 
+# Generated task data for tests and demos of the other tasks (never bundled: a seed makes it).
+POSITIVE_WORDS = ("happy", "strong", "win", "light", "full", "early")
+NEGATIVE_WORDS = ("sad", "weak", "lose", "dark", "empty", "late")
+SENTIMENT_LABELS = ("negative", "positive")
+
+
+def generate_sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Classification rows {"text", "label"}: a few distractor words around one sentiment word.
+
+    Labels alternate, so any set of an even number of rows is exactly balanced and a model that
+    ignores the text scores 50% accuracy at best.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = _words(rng, 2, 6)
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE_WORDS if label else NEGATIVE_WORDS))
+        rows.append({"text": " ".join(words), "label": SENTIMENT_LABELS[label]})
+    return rows
+
+
+def generate_qa_rows(n: int, seed: int) -> list[dict]:
+    """Flat QA rows {"context", "question", "answers"}: which colour is a named thing."""
+    rng = random.Random(seed)
+    colours = ("red", "blue", "green", "yellow", "black", "white")
+    things = [w for w in WORDS if w not in colours]
+    rows = []
+    for _ in range(n):
+        picked = rng.sample(things, 3)
+        paint = {t: rng.choice(colours) for t in picked}
+        context = " ".join(f"the {t} is {c}." for t, c in paint.items())
+        asked = rng.choice(picked)
+        rows.append({"context": context, "question": f"what colour is the {asked}?",
+                     "answers": [paint[asked], f"{paint[asked]}."]})
+    return rows
+
+
 def render_prompt(row: Row) -> str:
     """The Alpaca prompt for ``row`` (everything the model sees before the response)."""
     if row["input"]:

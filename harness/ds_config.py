@@ -145,3 +145,31 @@ def _auto_paths(node, prefix: str = ""):
             yield from _auto_paths(value, f"{prefix}.{key}" if prefix else key)
     elif node == AUTO:
         yield prefix
+
+
+def fill_for_inference(raw: dict, batch_size: int, world_size: int, dtype: str) -> dict:
+    """The config for an evaluation-only engine: the ZeRO section and precision of `raw`.
+
+    There is no optimizer, so the optimizer block and gradient clipping are dropped, and the batch
+    fields (which DeepSpeed insists on) describe the eval batch: a training config's own values
+    for them say nothing about evaluation and are replaced rather than compared.
+    """
+    ds = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_") and k not in ("optimizer", "scheduler")}
+    ds.pop("gradient_clipping", None)
+    if zero_stage(ds) in (1, 2):
+        # Stages 1-2 shard only optimizer state and gradients, which inference has none of (and
+        # DeepSpeed refuses them without an optimizer): every rank holds the weights either way.
+        ds["zero_optimization"] = {"stage": 0}
+    ds.update(train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=1,
+              train_batch_size=batch_size * world_size)
+    for name in ("bf16", "fp16"):
+        section = ds.setdefault(name, {})
+        if section.get("enabled", AUTO) == AUTO:
+            section["enabled"] = dtype == name
+        elif bool(section["enabled"]) != (dtype == name):
+            raise HarnessError(f"ds_config sets {name}.enabled={json.dumps(section['enabled'])} but --dtype is {dtype}")
+    leftovers = list(_auto_paths(ds))
+    if leftovers:
+        raise HarnessError(f"ds_config: the harness does not know how to fill {', '.join(leftovers)} for evaluation")
+    ds.setdefault("steps_per_print", 10**9)
+    return ds

@@ -2,6 +2,8 @@
 
 The training loop sees a `Engine` with four verbs: micro_step (forward + backward),
 finish_step (optimizer step at the accumulation boundary), eval_loss and full_state_dict.
+Evaluation adds logits (label scoring) and generate; `Engine(model, ds_config)` without an
+LR schedule is an inference engine (no optimizer), used by launch/evaluate.py.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (must follow the accelerator choice above)
 
 from harness import dist  # noqa: E402
-from harness.loss import token_loss_sum  # noqa: E402
+from harness.loss import sequence_log_likelihood, token_loss_sum  # noqa: E402
 
 
 def init_distributed(timeout_s: int = 1800) -> dist.DistInfo:
@@ -55,14 +57,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda):
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model,
-            model_parameters=params,
-            config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-        )
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None):
+        if lr_lambda is None:
+            # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
+            # gathers each layer for its forward, which is what lets a large model be evaluated.
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=ds_config)
+        else:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model,
+                model_parameters=params,
+                config=ds_config,
+                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+            )
         self.world_size = self.ds.world_size
         self.zero_stage = self.ds.zero_optimization_stage()
 
@@ -138,6 +145,29 @@ class Engine:
 
     def eval(self) -> None:
         self.ds.eval()
+
+    @torch.no_grad()
+    def sequence_log_likelihood(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per row: the summed log-probability of its supervised tokens (label scoring), on the CPU."""
+        batch = {k: v.to(self.ds.device) for k, v in batch.items()}
+        logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return sequence_log_likelihood(logits, batch["labels"]).cpu()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 pad_id: int, eos_id: int) -> torch.Tensor:
+        """Greedy decoding of a left-padded batch with the KV cache; returns only the new tokens.
+
+        Under ZeRO-3 every forward gathers each layer's shards from all ranks, so a rank whose
+        rows have all stopped must keep stepping until every rank is done: synced_gpus.
+        """
+        synced = self.zero_stage == 3 and self.world_size > 1
+        out = self.ds.module.generate(
+            input_ids=input_ids.to(self.ds.device), attention_mask=attention_mask.to(self.ds.device),
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+            synced_gpus=synced, pad_token_id=pad_id, eos_token_id=eos_id,
+        )
+        return out[:, input_ids.shape[1]:].cpu()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The complete model weights on rank 0 (None elsewhere); all ranks must call it.

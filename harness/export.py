@@ -1,4 +1,11 @@
-"""Turn a training checkpoint into a Hugging Face folder, without the ranks that wrote it.
+"""Hugging Face model folders: from the live engine (final/, best/) and from a checkpoint.
+
+`save_model` writes final/ or best/ from any ZeRO stage, with or without LoRA: the folder is
+written to `<name>.tmp/` and renamed into place, so a crash never leaves a half-written one.
+With --lora it holds the peft adapter and the tokenizer; with --merge_lora also `merged/`, a full
+model with the adapter folded into the base weights.
+
+`export` turns a training checkpoint into an HF folder, without the ranks that wrote it:
 
     python launch/export.py runs/exp1/checkpoints/step-1000 exported/ [--dtype bf16] [--max_shard_size 5GB]
 
@@ -18,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from harness import checkpoint
+from harness import checkpoint, dist, model as model_mod
 from harness.errors import HarnessError
+from harness.evaluation import replace_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,3 +92,20 @@ def compare_with_checkpoint(folder: Path, ckpt: Path, dtype: torch.dtype) -> lis
         if name in loaded and not torch.equal(loaded[name], lazy.contiguous().to(dtype)):
             bad.append(name)
     return bad
+
+
+def save_model(engine, plan, out: Path, name: str, info: dist.DistInfo) -> Path:
+    state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
+    final, staging = out / name, out / f"{name}.tmp"
+    if info.is_rank0:
+        shutil.rmtree(staging, ignore_errors=True)
+        # For a peft model save_pretrained keeps only the adapter entries of the full state dict.
+        engine.module.save_pretrained(staging, state_dict=state_dict)
+        plan.tokenizer.save_pretrained(staging)
+        if plan.cfg.lora and plan.cfg.merge_lora:
+            merged = model_mod.merge_adapter(plan.model_path, staging, plan.dtype, plan.cfg.trust_remote_code)
+            merged.save_pretrained(staging / "merged")
+            plan.tokenizer.save_pretrained(staging / "merged")
+        replace_folder(staging, final)
+    dist.barrier()
+    return final

@@ -24,3 +24,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted_logits = logits[:, :-1, :].float().reshape(-1, vocab)
     shifted_labels = labels[:, 1:].reshape(-1).to(shifted_logits.device)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the sum of next-token log-probabilities over supervised positions, in fp32.
+
+    The same shift and mask as the loss: row i's value is minus its own token_loss_sum.
+    """
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:].to(shifted_logits.device)
+    per_token = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE_INDEX,
+                                reduction="none")
+    return -per_token.sum(dim=1)

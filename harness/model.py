@@ -136,3 +136,57 @@ def count_parameters(path: str) -> int:
             for key in f.keys():
                 total += math.prod(f.get_slice(key).get_shape())
     return total
+
+# --- LoRA (peft) -------------------------------------------------------------------------------
+
+
+def lora_targets(value: str) -> str | list[str]:
+    return "all-linear" if value.strip() == "all-linear" else [t.strip() for t in value.split(",") if t.strip()]
+
+
+def check_lora_targets(config, value: str, trust_remote_code: bool) -> None:
+    """Every --lora_targets name must match a Linear module, checked on a weightless (meta) model."""
+    from transformers import AutoModelForCausalLM
+
+    targets = lora_targets(value)
+    if targets == "all-linear":
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    linear = {name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in targets if t not in linear]
+    if missing or not targets:
+        raise HarnessError(f"--lora_targets {value!r}: no Linear module named {missing or value!r} in the model "
+                           f"(Linear modules: {', '.join(sorted(linear))})")
+
+
+def apply_lora(model, cfg):
+    """Wrap the model in peft LoRA adapters; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=lora_targets(cfg.lora_targets), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model folder of a peft adapter folder, or None if `path` is not one."""
+    import json
+
+    adapter_config = Path(path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise HarnessError(f"--model {path}: adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def merge_adapter(base_path: str, adapter_dir, dtype: str, trust_remote_code: bool):
+    """The base model with the adapter folded into its weights, as a plain transformers model (CPU)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                local_files_only=True, use_safetensors=True)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from harness import (__version__, checkpoint, data, data_cache, dist, ds_config, engine as engine_mod,
-                     model as model_mod, report, tasks)
+                     evaluation, export, model as model_mod, report, tasks)
 from harness.config import TrainConfig
 from harness.errors import CollectiveTimeout, HarnessError, TrainingAborted
 from harness.loss import supervised_tokens
@@ -55,6 +56,8 @@ class Plan:
     resume_state: dict | None = None
     batches: data.StepBatches | None = None  # step -> this rank's micro-batches, padded or packed
     report: dict = field(default_factory=dict)  # data_report.json
+    eval_set: evaluation.EvalSet | None = None
+    best: evaluation.BestTracker | None = None
 
     def resolved(self) -> dict:
         return {
@@ -73,6 +76,8 @@ class Plan:
                 "steps_per_epoch": self.sampler.steps_per_epoch,
                 "warmup_steps": warmup_steps(self.cfg, self.total_steps),
                 "data_stats": self.stats,
+                "eval_rows": len(self.eval_set.examples) if self.eval_set else 0,
+                "metric_for_best": self.best.metric if self.best else None,
             },
             "ds_config": self.ds_config,
         }
@@ -137,6 +142,9 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
 
+    if cfg.lora:
+        model_mod.check_lora_targets(model_config, cfg.lora_targets, cfg.trust_remote_code)
+
     task = tasks.get(cfg.task)
     template = load_template(cfg.template)
     nonce = nonce or dist.shared_nonce()
@@ -154,7 +162,16 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
         for r in rows:
             r.source = i
     train_rows, in_mix = data.mix([rows for rows, _, _ in loaded], [w for _, w in sources], cfg.seed)
-    eval_rows = load(eval_path, "--eval_data")[0] if eval_path else []
+    eval_examples = []
+    if eval_path:
+        eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
+    elif cfg.eval_split:
+        train_rows, held = hold_out(train_rows, cfg.eval_split, cfg.seed)
+        eval_examples = examples_of(held, [path for path, _ in sources], task, cfg, template)
+    eval_set = evaluation.prepare(task, eval_examples, cfg, tokenizer, seq_len) if eval_examples else None
+    eval_rows = eval_set.loss_rows if eval_set else []
+    best = evaluation.BestTracker(*evaluation.metric_for_best(task, cfg, eval_set is not None),
+                                  cfg.early_stopping_patience)
 
     batch = ds_config.BatchPlan(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
@@ -190,7 +207,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
                        "target_truncated": sum(s.target_truncated for s in stats),
                        "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
                 fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state,
-                batches=batches, report=data_report)
+                batches=batches, report=data_report, eval_set=eval_set, best=best)
 
 
 # A checkpoint holds per parameter: fp32 master weights and two fp32 Adam moments (12 bytes),
@@ -215,6 +232,27 @@ def model_fingerprint(model_config) -> str:
     """Identity of the architecture and shape, not of the folder it was read from."""
     cfg = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def hold_out(rows: list[data.TokenizedRow], fraction: float, seed: int):
+    """--eval_split: a seeded `fraction` of the training rows becomes the eval set."""
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise HarnessError(f"--eval_split {fraction} of {len(rows)} rows leaves nothing to train on")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def examples_of(rows: list[data.TokenizedRow], paths: list[str], task, cfg: TrainConfig, template: str):
+    """The task examples (prompts and references, for metrics) behind some tokenized rows."""
+    wanted = {(r.source, r.row) for r in rows}
+    found = []
+    for source, path in enumerate(paths):
+        if any(s == source for s, _ in wanted):
+            found += [e for e in task.examples(data.read_rows(path), cfg, template) if (source, e.row) in wanted]
+    return found
 
 
 def default_model_dir_on_rank0_first(default_assets) -> Path:
@@ -288,6 +326,8 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
 
     load_ctx = engine_mod.Zero3LoadContext(plan.ds_config)
     model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, cfg.grad_ckpt, cfg.trust_remote_code)
+    if cfg.lora:
+        model = model_mod.apply_lora(model, cfg)
     engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps))
     load_ctx.release()
     # Record the kernel transformers actually installed, not the one we asked for.
@@ -324,7 +364,9 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     if plan.eval_rows and start_step == 0:
         log_eval(engine, plan, info, pad_id, logger, 0)  # the baseline every later eval is read against
     engine.train()
+    done_steps = start_step
     for step in range(start_step, plan.total_steps):
+        done_steps = step + 1
         checkpoint.fault_point("step", step + 1)  # test hook: crash or hang here (HARNESS_CRASH_AT/HANG_AT)
         dist.heartbeat(step + 1)
         step_start = time.perf_counter()
@@ -373,7 +415,10 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
 
         if plan.eval_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < plan.total_steps:
-            log_eval(engine, plan, info, pad_id, logger, step + 1)
+            if log_eval(engine, plan, info, pad_id, logger, step + 1):
+                dist.print0(f"early stopping at step {step + 1}: {plan.best.metric} has not improved on "
+                            f"{plan.best.best:.4f} (step {plan.best.best_step}) for {cfg.early_stopping_patience} evaluations")
+                break
             engine.train()
 
         if cfg.save_steps and ((step + 1) % cfg.save_steps == 0 or step + 1 == plan.total_steps):
@@ -388,35 +433,33 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             dist.destroy()
             sys.exit(checkpoint.EXIT_REQUEUE)
 
-    if plan.eval_rows:
-        log_eval(engine, plan, info, pad_id, logger, plan.total_steps)
+    if plan.eval_rows and not plan.best.should_stop:
+        log_eval(engine, plan, info, pad_id, logger, done_steps)
     save_final(engine, plan, out, info)
     logger.close()
     stop.close()
     if losses:
-        dist.print0(f"done: {plan.total_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
+        dist.print0(f"done: {done_steps} steps, final loss {losses[-1]:.4f}; model in {out / 'final'}")
     return RunResult(out, losses, engine, plan)
 
 
-def evaluate(engine: engine_mod.Engine, plan: Plan, info: dist.DistInfo, pad_id: int) -> dict:
-    """Token-weighted loss over the eval rows, sharded over ranks."""
-    engine.eval()
-    rows = plan.eval_rows
-    loss_sum = tokens = 0.0
-    for slots in data.eval_batches(len(rows), plan.cfg.micro_batch_size, info.rank, info.world_size):
-        # Filler slots keep every rank in every ZeRO-3 forward; their labels are all masked.
-        batch = data.collate([rows[i] if i is not None else data.filler_row(rows[0]) for i in slots], pad_id)
-        loss_sum += engine.eval_loss_sum(batch)
-        tokens += supervised_tokens(batch["labels"])
-    loss_sum, tokens = dist.all_reduce_sum([loss_sum, tokens])
-    loss = loss_sum / tokens
-    return {"eval/loss": loss, "eval/ppl": float(torch.exp(torch.tensor(loss)))}
+def evaluate(engine: engine_mod.Engine, plan: Plan, info: dist.DistInfo) -> evaluation.EvalResult:
+    """Eval loss plus the task's metric (harness.evaluation), identical on every rank."""
+    return evaluation.evaluate(engine, plan.eval_set, info)
 
 
-def log_eval(engine, plan, info, pad_id, logger, step: int) -> None:
-    metrics = evaluate(engine, plan, info, pad_id)
-    logger.log(step, metrics)
-    logger.write(f"step {step}: eval loss {metrics['eval/loss']:.4f} ppl {metrics['eval/ppl']:.2f}")
+def log_eval(engine, plan, info, pad_id, logger, step: int) -> bool:
+    """Evaluate, log, write eval/step-N.*, keep best/; True when early stopping says stop."""
+    result = evaluate(engine, plan, info)
+    logger.log(step, result.metrics)
+    logger.write(evaluation.summary_line(step, result.metrics))
+    out = Path(plan.cfg.output_dir)
+    if info.is_rank0:
+        evaluation.write_step(result, out, step)
+    # Step 0 is the untrained baseline: a reference for the curve, not a candidate for best/.
+    if step > 0 and plan.best.update(step, result.metrics):
+        export.save_model(engine, plan, out, "best", info)
+    return plan.best.should_stop
 
 
 def save_hf_files(engine: engine_mod.Engine, plan: Plan, folder: Path) -> None:
@@ -428,17 +471,6 @@ def save_hf_files(engine: engine_mod.Engine, plan: Plan, folder: Path) -> None:
 
 
 def save_final(engine: engine_mod.Engine, plan: Plan, out: Path, info: dist.DistInfo) -> None:
-    """Write final/ as a plain HF folder (config, safetensors, tokenizer) from any ZeRO stage."""
-    state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
-    if info.is_rank0:
-        final, staging, previous = out / "final", out / "final.tmp", out / "final.previous"
-        shutil.rmtree(staging, ignore_errors=True)
-        engine.module.save_pretrained(staging, state_dict=state_dict)
-        plan.tokenizer.save_pretrained(staging)
-        # A crash mid-save leaves final.tmp (or final.previous), never a half-written final/.
-        if final.exists():  # a resumed run that had already finished once
-            shutil.rmtree(previous, ignore_errors=True)
-            final.rename(previous)
-        staging.rename(final)
-        shutil.rmtree(previous, ignore_errors=True)
-    dist.barrier()
+    """Write final/ as a plain HF folder (config, safetensors, tokenizer) from any ZeRO stage;
+    with --lora the adapter (and merged/ with --merge_lora)."""
+    export.save_model(engine, plan, out, "final", info)

@@ -55,10 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launch/train.py through a real launcher; fail the test with its output if it fails."""
+def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600,
+           script_name: str = "train.py") -> subprocess.CompletedProcess:
+    """Run launch/<script_name> through a real launcher; fail the test with its output if it fails."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
-    script = [str(ROOT / "launch" / "train.py"), *flags]
+    script = [str(ROOT / "launch" / script_name), *flags]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *script]
     elif launcher == "deepspeed":
@@ -72,8 +73,8 @@ def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600) -> s
     return proc
 
 
-def launch_ok(launcher: str, nproc: int, flags: list[str]) -> subprocess.CompletedProcess:
-    proc = launch(launcher, nproc, flags)
+def launch_ok(launcher: str, nproc: int, flags: list[str], script_name: str = "train.py") -> subprocess.CompletedProcess:
+    proc = launch(launcher, nproc, flags, script_name=script_name)
     assert proc.returncode == 0, f"{launcher} x{nproc} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

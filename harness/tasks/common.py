@@ -16,6 +16,7 @@ class Example:
     row: int  # index of the source row, for error messages and reports
     prompt: str  # never trained on: its tokens are masked with -100
     target: str  # trained on, followed by EOS
+    golds: tuple[str, ...] = ()  # references the metric compares predictions with (QA: every gold answer)
 
 
 def load_template(value: str) -> str:

@@ -24,6 +24,9 @@ PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 DEFAULT_TEMPLATE = PROMPT_WITH_INPUT
+EVAL_MODE = "loss"  # open-ended responses: eval loss / perplexity is the metric
+METRICS = ()
+MAIN_METRIC = "loss"
 
 
 def examples(rows, cfg: TrainConfig, template: str = "") -> list[Example]:
