@@ -340,6 +340,10 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         checkpoint.restore(engine, plan.resume_from, info)
         state = plan.resume_state
         start_step, tokens_seen, bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
+        if state["best"]["metric"] == plan.best.metric:  # best/ and early stopping carry on where they were
+            best = state["best"]
+            plan.best.best, plan.best.best_step, plan.best.evals_without_gain = (
+                best["value"], best["step"], best["evals_without_gain"])
         last_saved = plan.resume_from
         dist.print0(f"resumed from {plan.resume_from} at step {start_step}")
     dist.print0(f"model {plan.model_path}: attention={plan.attn} dtype={plan.dtype} zero_stage={engine.zero_stage} "
@@ -357,6 +361,8 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                  "rows_into_epoch": (step % sampler.steps_per_epoch) * sampler.global_batch,
                  "micro_step": step * cfg.grad_accum_steps, "tokens_seen": tokens_seen, "bad_steps": bad_steps,
                  "global_batch_size": plan.batch.global_batch_size, "seed": cfg.seed,
+                 "best": {"metric": plan.best.metric, "value": plan.best.best, "step": plan.best.best_step,
+                          "evals_without_gain": plan.best.evals_without_gain},
                  **plan.fingerprints, "config": plan.resolved()}
         return checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
                                info, cfg.keep_last)

@@ -82,6 +82,7 @@ def test_periodic_checkpoints_retention_and_latest(uninterrupted):
     state = json.loads((root / "step-8" / checkpoint.STATE).read_text())
     assert state["step"] == 8 and state["micro_step"] == 8 and state["epoch"] == 0 and state["rows_into_epoch"] == 32
     assert state["tokens_seen"] == read_metrics(uninterrupted)[-1]["tokens"]
+    assert state["best"] == {"metric": "eval/loss", "value": None, "step": None, "evals_without_gain": 0}  # no eval data
     assert {"python", "numpy", "torch"} <= json.loads((root / "step-8" / "rng-rank0.json").read_text()).keys()
     assert (root / "step-8" / "hf" / "config.json").exists() and (root / "step-8" / "hf" / "tokenizer.json").exists()
 
