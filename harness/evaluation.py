@@ -60,8 +60,9 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)
 
 
-def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out a seeded `fraction` of the examples: (train, eval), each in its original order."""
+def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded `fraction` of the examples (or tokenized rows): (train, eval), each in its
+    original order."""
     n_eval = max(1, round(fraction * len(examples)))
     if n_eval >= len(examples):
         raise HarnessError(f"--eval_split {fraction} of {len(examples)} rows leaves nothing to train on")

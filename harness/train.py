@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import shutil
 import sys
 import time
@@ -166,7 +165,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     if eval_path:
         eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
     elif cfg.eval_split:
-        train_rows, held = hold_out(train_rows, cfg.eval_split, cfg.seed)
+        train_rows, held = evaluation.split(train_rows, cfg.eval_split, cfg.seed)
         eval_examples = examples_of(held, [path for path, _ in sources], task, cfg, template)
     eval_set = evaluation.prepare(task, eval_examples, cfg, tokenizer, seq_len) if eval_examples else None
     eval_rows = eval_set.loss_rows if eval_set else []
@@ -232,17 +231,6 @@ def model_fingerprint(model_config) -> str:
     """Identity of the architecture and shape, not of the folder it was read from."""
     cfg = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def hold_out(rows: list[data.TokenizedRow], fraction: float, seed: int):
-    """--eval_split: a seeded `fraction` of the training rows becomes the eval set."""
-    n_eval = max(1, round(fraction * len(rows)))
-    if n_eval >= len(rows):
-        raise HarnessError(f"--eval_split {fraction} of {len(rows)} rows leaves nothing to train on")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def examples_of(rows: list[data.TokenizedRow], paths: list[str], task, cfg: TrainConfig, template: str):

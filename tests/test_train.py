@@ -116,3 +116,16 @@ def test_readme_lists_every_flag():
     readme = (ROOT / "README.md").read_text()
     for name, doc in flag_docs().items():
         assert f"| `--{name}` |" in readme and doc in readme, name
+
+
+def test_eval_split_holds_rows_out_of_training(tiny_model, parity_data, tmp_path):
+    from conftest import parity_flags
+
+    result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "run", eval_split=0.25, max_steps=2)))
+    train_rows = {r.row for r in result.plan.train_rows}
+    eval_rows = {e.row for e in result.plan.eval_set.examples}
+    assert len(eval_rows) == 16 and len(train_rows) == 48 and not train_rows & eval_rows
+    # The held-out examples are the very rows of the file (prompt and reference), not re-drawn ones.
+    lines = [json.loads(line) for line in parity_data.read_text().splitlines()]
+    assert all(e.target == lines[e.row]["output"] for e in result.plan.eval_set.examples)
+    assert "eval/loss" in read_metrics(result.output_dir)[-1]
