@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bash .ci/slurm.sh              # start the 2-node localhost Slurm cluster, run tests/test_slurm.py, stop it
 # bash .ci/slurm.sh -k preempt   # extra arguments go to pytest
+# PYTHON=/path/to/venv/bin/python bash .ci/slurm.sh   # use that interpreter instead of ./.venv
 #
 # Runs as root on a Debian CI machine (apt installs Slurm, munge and shellcheck). Runs the whole
 # file: the `slurm`-marked cluster tests and the static ones, whose shellcheck is installed here.
@@ -11,8 +12,12 @@ if ! command -v shellcheck >/dev/null; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends shellcheck
 fi
-if [ ! -x .venv/bin/python ]; then bash scripts/setup.sh; fi
-PYTHON=${PYTHON:-.venv/bin/python}
+# PYTHON: an interpreter with the harness's dependencies; by default the repository's .venv.
+if [ -z "${PYTHON:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then bash scripts/setup.sh; fi
+  PYTHON=.venv/bin/python
+fi
+export PYTHON
 
 started=$(date +%s)
 bash .ci/slurm_cluster.sh start

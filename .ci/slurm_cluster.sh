@@ -34,6 +34,9 @@ write_config() {
     echo "SlurmUser=root"
     echo "SlurmdUser=root"
     echo "AuthType=auth/munge"
+    # A requeued job waits out the credential lifetime (120 s by default) before it may start
+    # again; a starting job's step launch on localhost needs a fraction of this.
+    echo "AuthInfo=cred_expire=${SLURM_CI_CRED_EXPIRE:-20}"
     echo "StateSaveLocation=$STATE/ctld"
     echo "SlurmdSpoolDir=$STATE/spool-%n"   # %n: one spool directory per emulated node
     echo "SlurmctldPidFile=$STATE/slurmctld.pid"
