@@ -128,7 +128,10 @@ def slurm_available() -> str:
     """'' when a controller answers, else why not."""
     if shutil.which("sinfo") is None:
         return "sinfo not on PATH (no Slurm client; bash .ci/slurm.sh starts a cluster)"
-    proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 60 s"
     if proc.returncode != 0:
         return f"no Slurm controller answers sinfo: {proc.stderr.strip()}"
     return ""
