@@ -152,11 +152,12 @@ def job_info(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
 
-def submit(tmp_path, args: list[str], sbatch_flags: list[str] = ()) -> tuple[str, Path]:
-    log = tmp_path / "slurm.log"
+def submit(tmp_path, args: list[str], sbatch_flags: list[str] = (), script: Path = TRAIN_SBATCH,
+           log_name: str = "slurm.log") -> tuple[str, Path]:
+    log = tmp_path / log_name
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_ENV_VARS}
     env["PYTHON"] = sys.executable  # the venv that runs the tests, on every node
-    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_flags, str(TRAIN_SBATCH), *args],
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_flags, str(script), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0], log
@@ -253,3 +254,32 @@ def test_preempted_job_saves_requeues_and_resumes_bitwise(cluster, uninterrupted
     other = load_file(plain / "final" / "model.safetensors")
     for name in want:
         assert (got[name] - other[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.slurm
+def test_prepare_data_then_train_with_afterok(cluster, tiny_model, tmp_path):
+    prepare = ROOT / "slurm" / "prepare_data.sbatch"
+    data = ROOT / "harness" / "assets" / "sample_instructions.jsonl"
+    # The emulated nodes have as many CPUs as this machine: ask for one, not the script's default.
+    prep_id, prep_log = submit(tmp_path, ["--data", str(data), "--output", str(tmp_path / "prepared")],
+                               ["--cpus-per-task=1"], prepare, "prepare.log")
+    run = tmp_path / "run"
+    train_id, log = submit(tmp_path, ["--data", str(tmp_path / "prepared"), "--max_steps", "5", "--ds_config", "zero2",
+                                      "--output_dir", str(run)], ["--nodes=1", f"--dependency=afterok:{prep_id}"])
+    assert wait_for_end(prep_id, prep_log)["JobState"] == "COMPLETED", prep_log.read_text()[-3000:]
+    assert wait_for_end(train_id, log)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["world_size"] == 1 and (run / "final" / "model.safetensors").is_file()
+
+    # A failed preparation never lets the training job start.
+    bad_id, bad_log = submit(tmp_path, ["--data", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "p2")],
+                             ["--cpus-per-task=1"], prepare, "bad.log")
+    held_id, _ = submit(tmp_path, ["--output_dir", str(tmp_path / "never")], [f"--dependency=afterok:{bad_id}"],
+                        log_name="held.log")
+    assert wait_for_end(bad_id, bad_log)["JobState"] == "FAILED"
+    deadline = time.time() + 60
+    while job_info(held_id).get("Reason") != "DependencyNeverSatisfied":
+        assert time.time() < deadline and job_info(held_id)["JobState"] == "PENDING", job_info(held_id)
+        time.sleep(1)
+    subprocess.run(["scancel", held_id], check=True)
+    assert not (tmp_path / "never").exists()
