@@ -18,7 +18,6 @@ Two differences from plain `torchrun`, both for preemption:
   Slurm's SIGKILL follows only after KillWait (30 s by default), well after the linger.
 """
 
-import os
 import signal
 import sys
 import time
@@ -42,6 +41,4 @@ if __name__ == "__main__":
         print(f"torchrun: every failed rank exited {EXIT_REQUEUE} (checkpoint saved); exiting {EXIT_REQUEUE} "
               f"in {LINGER_S:.0f}s", file=sys.stderr, flush=True)
         time.sleep(LINGER_S)
-        sys.stdout.flush()
-        # os._exit: interpreter shutdown would put SIGTERM back to its default action first.
-        os._exit(EXIT_REQUEUE)
+        sys.exit(EXIT_REQUEUE)  # SIGTERM stays ignored through interpreter shutdown (SIG_IGN is kept)

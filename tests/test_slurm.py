@@ -37,9 +37,9 @@ def test_every_expected_script_is_checked():
 def test_script_passes_bash_n_and_shellcheck(script):
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    # Not a skip: CI installs shellcheck (.ci/slurm_cluster.sh), so its absence is a broken CI path.
+    # Not a skip: the CI path installs shellcheck (.ci/slurm.sh), so its absence is a broken CI path.
     shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "shellcheck is not on PATH: apt-get install shellcheck (bash .ci/slurm_cluster.sh start does)"
+    assert shellcheck, "shellcheck is not on PATH: apt-get install shellcheck (bash .ci/slurm.sh does)"
     proc = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
