@@ -1,0 +1,44 @@
+"""torchrun for one Slurm task per node; slurm/train.sbatch starts it, with torchrun's own flags:
+
+    srun ... python slurm/torchrun.py --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d ... launch/train.py ...
+
+Two differences from plain `torchrun`, both for preemption:
+- SIGUSR1 is ignored by this agent process. Slurm sends the pre-timeout signal (`--signal=USR1@N`)
+  to every process of the step; its default action would kill the agent, which would then take
+  the ranks down before they save. The ranks inherit the "ignore" disposition until the harness
+  installs its own SIGUSR1 handler (harness/checkpoint.py StopRequest), so a signal during model
+  loading does not kill them either.
+- When every failed rank of this node exited 75 (the harness's "saved, please requeue"), this
+  process exits 75 too; torchrun itself reports any rank failure as exit status 1, which would
+  hide the requeue request from the batch script. It first ignores SIGTERM and waits a few
+  seconds: the first node to exit 75 makes srun (--kill-on-bad-exit) terminate the other nodes'
+  tasks, whose ranks are exiting 75 at the same moment (they passed a common barrier) but whose
+  agents notice it up to one monitor interval later. Killed, they would report 143, and srun
+  returns the highest task status; lingering, every node reports 75 and srun returns 75.
+  Slurm's SIGKILL follows only after KillWait (30 s by default), well after the linger.
+"""
+
+import signal
+import sys
+import time
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+
+EXIT_REQUEUE = 75  # harness.checkpoint.EXIT_REQUEUE; not imported so the agent needs no harness import
+LINGER_S = 5.0  # far above the skew between nodes leaving the harness's last barrier
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        main()
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        if codes != {EXIT_REQUEUE}:
+            sys.exit(1)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"torchrun: every failed rank exited {EXIT_REQUEUE} (checkpoint saved); exiting {EXIT_REQUEUE} "
+              f"in {LINGER_S:.0f}s", file=sys.stderr, flush=True)
+        time.sleep(LINGER_S)
+        sys.exit(EXIT_REQUEUE)  # SIGTERM stays ignored through interpreter shutdown (SIG_IGN is kept)
