@@ -28,6 +28,7 @@ from harness.errors import CollectiveTimeout, HarnessError, TrainingAborted
 from harness.loss import supervised_tokens
 from harness.metrics import MetricsLogger
 from harness.schedule import lr_lambda, warmup_steps
+from harness.throughput import StepTimer, StepTokens, Window, count_tokens, flop_model, peak_flops, peak_memory
 from harness.tasks.common import load_template
 
 
@@ -342,7 +343,12 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     logger = MetricsLogger(out, info.is_rank0, plan.total_steps, start_step)
     stop = checkpoint.StopRequest()
     losses: list[float] = []
-    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    flops = flop_model(engine.module)
+    peak, device_name = peak_flops(info.device, plan.dtype)
+    dist.print0(f"throughput: {flops.linear_flops_per_token / 1e6:.3f} MFLOP per token in matmuls; "
+                + (f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({device_name}, {plan.dtype})" if peak else device_name))
+    window = Window(info.world_size, peak)
+    timer = StepTimer(info.device)
 
     def save(step: int) -> Path:
         state = {"step": step, "epoch": step // sampler.steps_per_epoch,
@@ -352,8 +358,11 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                  "best": {"metric": plan.best.metric, "value": plan.best.best, "step": plan.best.best_step,
                           "evals_without_gain": plan.best.evals_without_gain},
                  **plan.fingerprints, "config": plan.resolved()}
-        return checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
-                               info, cfg.keep_last)
+        t = timer.start("checkpoint")
+        folder = checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
+                                 info, cfg.keep_last)
+        timer.stop(t)
+        return folder
 
     if plan.eval_rows and start_step == 0:
         log_eval(engine, plan, info, pad_id, logger, 0)  # the baseline every later eval is read against
@@ -365,13 +374,17 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         dist.heartbeat(step + 1)
         step_start = time.perf_counter()
         lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
+        t = timer.start("data")
         micro_batches = plan.batches(step, info.rank)  # padded or packed, the same samples either way
-        local_supervised = sum(supervised_tokens(b["labels"]) for b in micro_batches)
-        local_real = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        step_supervised, step_real = dist.all_reduce_sum([local_supervised, local_real])
+        local = count_tokens(micro_batches, flops, supervised_tokens)
+        # Every rank needs the step's supervised count before its first backward (loss scaling),
+        # so waiting for it is part of getting the data.
+        step_supervised, step_real, step_slots, step_flops = dist.all_reduce_sum(
+            [local.supervised, local.real, local.slots, local.flops])
+        timer.stop(t)
 
         skipped_before = engine.skipped_steps()
-        local_loss_sum = sum(engine.micro_step(b, step_supervised, step) for b in micro_batches)
+        local_loss_sum = sum(engine.micro_step(b, step_supervised, step, timer) for b in micro_batches)
         # One collective for the loss and for "has any rank been asked to stop"; it is also the
         # step's sync point for timing.
         loss_sum, stop_votes = dist.all_reduce_sum([local_loss_sum, float(stop.requested)])
@@ -379,8 +392,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         losses.append(loss)
         tokens_seen += int(step_real)
         step_time = time.perf_counter() - step_start
-        window_tokens += step_real
-        window_steps += 1
+        window.add(StepTokens(int(step_slots), int(step_real), int(step_supervised), step_flops))
 
         if engine.skipped_steps() > skipped_before or not math.isfinite(loss):
             bad_steps += 1
@@ -397,16 +409,17 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             bad_steps = 0
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
+            # Rates, MFU and the phase breakdown cover every step since the last log line,
+            # evaluation excluded from the phases but not from the elapsed time.
+            rates = window.record()
             logger.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": engine.last_grad_norm(),
                 "tokens": tokens_seen, "supervised_tokens": int(step_supervised),
-                "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                **rates, "step_time_s": step_time, **timer.take(), **peak_memory(info.device),
                 "epoch": (step + 1) / sampler.steps_per_epoch,
             })
-            logger.progress(window_steps, loss, tokens_per_s)
-            window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+            logger.progress(window.steps, loss, rates)
+            window.reset()
 
         if plan.eval_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < plan.total_steps:
             if log_eval(engine, plan, info, pad_id, logger, step + 1):
