@@ -125,7 +125,6 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     resume_from = checkpoint.resolve_resume(cfg.resume, out)
     check_output_dir(out, cfg.overwrite, cfg.resume, resume_from)
 
-    raw_ds = ds_config.load(cfg.ds_config)
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not model_path or not data_path:
         from harness import default_assets
@@ -141,6 +140,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     dtype = model_mod.resolve_dtype(cfg.dtype, info.device)
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
+    ds_name = auto_ds_config(model_path, info, cfg, seq_len) if cfg.ds_config == "auto" else cfg.ds_config
+    raw_ds = ds_config.load(ds_name)
 
     if cfg.lora:
         model_mod.check_lora_targets(model_config, cfg.lora_targets, cfg.trust_remote_code)
@@ -180,7 +181,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     batches = data.StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
-                            source=str(ds_config.resolve_path(cfg.ds_config)))
+                            source=str(ds_config.resolve_path(ds_name)))
     if cfg.save_steps:
         check_checkpoint_room(out, model_mod.count_parameters(model_path), cfg, total)
     fingerprints = {"model_fingerprint": model_fingerprint(model_config),
@@ -208,6 +209,25 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
                        "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
                 fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state,
                 batches=batches, report=data_report, eval_set=eval_set, best=best)
+
+
+def auto_ds_config(model_path: str, info: dist.DistInfo, cfg: TrainConfig, seq_len: int) -> str:
+    """`--ds_config auto`: the memory planner's recommendation (harness.memory_plan) on this machine.
+
+    Every rank must use the same ZeRO config, and hosts may differ in memory: rank 0 decides.
+    """
+    from harness import memory_plan
+
+    try:
+        choice, text = memory_plan.auto_ds_config(model_path, info.world_size, info.device, cfg.micro_batch_size,
+                                                  seq_len, cfg.grad_ckpt)
+    except HarnessError as err:
+        choice, text = None, str(err)
+    choice, text = dist.all_gather_objects((choice, text))[0]
+    if choice is None:
+        raise HarnessError(text)
+    dist.print0(f"--ds_config auto -> {choice}\n{text}")
+    return choice
 
 
 # A checkpoint holds per parameter: fp32 master weights and two fp32 Adam moments (12 bytes),
