@@ -207,5 +207,9 @@ class Window:
             out["mfu"] = t.flops / (elapsed * self.world_size * self.peak)
         return out
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something other than training (evaluation) out of the rates."""
+        self.start += seconds
+
     def reset(self) -> None:
         self.start, self.steps, self.tokens = time.perf_counter(), 0, StepTokens()

@@ -387,6 +387,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     if plan.eval_rows and start_step == 0:
         log_eval(engine, plan, info, pad_id, logger, 0)  # the baseline every later eval is read against
     engine.train()
+    window.reset()  # training throughput: the step-0 evaluation is not training time
     done_steps = start_step
     for step in range(start_step, plan.total_steps):
         done_steps = step + 1
@@ -430,7 +431,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total_steps:
             # Rates, MFU and the phase breakdown cover every step since the last log line,
-            # evaluation excluded from the phases but not from the elapsed time.
+            # checkpoint saves included, evaluation excluded.
             rates = window.record()
             logger.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": engine.last_grad_norm(),
@@ -442,7 +443,10 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             window.reset()
 
         if plan.eval_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < plan.total_steps:
-            if log_eval(engine, plan, info, pad_id, logger, step + 1):
+            eval_start = time.perf_counter()
+            stop_early = log_eval(engine, plan, info, pad_id, logger, step + 1)
+            window.exclude(time.perf_counter() - eval_start)  # evaluation is not training throughput
+            if stop_early:
                 dist.print0(f"early stopping at step {step + 1}: {plan.best.metric} has not improved on "
                             f"{plan.best.best:.4f} (step {plan.best.best_step}) for {cfg.early_stopping_patience} evaluations")
                 break
