@@ -151,20 +151,24 @@ def recommend(estimates: list[Estimate]) -> Estimate | None:
 def table(shape: ModelShape, estimates: list[Estimate], world_size: int, gpus_per_node: int, gpu_bytes: int,
           host_bytes: int) -> str:
     best = recommend(estimates)
-    lines = [f"model: {shape.total_params / 1e9:.3f}B parameters (largest layer {shape.largest_layer_params / 1e6:.1f}M), "
+    lines = [f"model: {shape.total_params / 1e6:,.1f}M parameters (largest layer {shape.largest_layer_params / 1e6:,.1f}M), "
              f"hidden {shape.hidden_size}, {shape.n_layers} layers, vocab {shape.vocab_size}",
              f"hardware: world size {world_size} ({gpus_per_node} per host), {gpu_bytes / GiB:.0f} GiB per GPU, "
              f"{host_bytes / GiB:.0f} GiB per host; fits = within {HEADROOM:.0%}",
-             "| ds_config | GPU: states + activations (GiB) | host per node (GiB) | host, DeepSpeed x1.5 (GiB) | fits |",
+             "| ds_config | GPU: states + activations | host per node | host, DeepSpeed x1.5 | fits |",
              "| --- | --- | --- | --- | --- |"]
     for e in estimates:
         fits = "yes" if e.fits else ("no: GPU" if not e.fits_gpu else "no: host")
         mark = " **recommended**" if e is best else ""
-        lines.append(f"| {e.choice}{mark} | {e.gpu_states / GiB:.2f} + {e.activations / GiB:.2f} = {e.gpu_total / GiB:.2f} | "
-                     f"{e.host_states / GiB:.2f} | {e.host_cautious / GiB:.2f} | {fits} |")
+        lines.append(f"| {e.choice}{mark} | {size(e.gpu_states)} + {size(e.activations)} = {size(e.gpu_total)} | "
+                     f"{size(e.host_states)} | {size(e.host_cautious)} | {fits} |")
     lines.append(f"recommendation: --ds_config {best.choice}" if best else
                  "recommendation: none fits; use more GPUs, --grad_ckpt, a smaller micro_batch_size or seq_len, or LoRA")
     return "\n".join(lines)
+
+
+def size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
 
 
 def host_memory_bytes() -> int:
