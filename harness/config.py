@@ -98,6 +98,8 @@ class TrainConfig:
     # Bookkeeping.
     seed: int = flag(42, "Seed for data order and every RNG.")
     log_every: int = flag(1, "Write metrics every N optimizer steps.")
+    # Throughput accounting
+    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
     eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
     # Evaluation and LoRA
     eval_split: float = flag(0.0, "Hold out this seeded fraction of --data for evaluation when --eval_data is empty (0: none).")
@@ -130,7 +132,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
-                     "save_steps", "keep_last"):
+                     "save_steps", "keep_last", "chunked_ce"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:

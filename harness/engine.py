@@ -21,7 +21,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (must follow the accelerator choice above)
 
 from harness import dist  # noqa: E402
-from harness.loss import sequence_log_likelihood, token_loss_sum  # noqa: E402
+from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
 from harness.throughput import NULL_TIMER  # noqa: E402
 
 
@@ -58,7 +58,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0):
+        self.chunked_ce = chunked_ce
         if lr_lambda is None:
             # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
             # gathers each layer for its forward, which is what lets a large model be evaluated.
@@ -83,6 +84,12 @@ class Engine:
 
     def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.ds.device) for k, v in batch.items()}
+        if self.chunked_ce:
+            # logits_to_keep=1: the model's own head runs on one position only; the loss applies
+            # the same head (DeepSpeed's hooks gather it under ZeRO-3) chunk by chunk.
+            out = self.ds(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+            return chunked_token_loss_sum(out.hidden_states[-1], self.ds.module.get_output_embeddings(),
+                                          batch["labels"], self.chunked_ce)
         logits = self.ds(**model_inputs(batch)).logits
         return token_loss_sum(logits, batch["labels"])
 

@@ -337,7 +337,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, cfg.grad_ckpt, cfg.trust_remote_code)
     if cfg.lora:
         model = model_mod.apply_lora(model, cfg)
-    engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps))
+    engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps), cfg.chunked_ce)
     load_ctx.release()
     # Record the kernel transformers actually installed, not the one we asked for.
     plan.attn = getattr(engine.module.config, "_attn_implementation", None) or plan.attn
