@@ -15,6 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from harness.data import IGNORE_INDEX
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """16-bit logits go up to fp32 for the loss; fp64 (tests checking identities exactly) stays."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
@@ -22,7 +27,7 @@ def supervised_tokens(labels: torch.Tensor) -> int:
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropies over supervised positions, in fp32."""
     vocab = logits.shape[-1]
-    shifted_logits = logits[:, :-1, :].float().reshape(-1, vocab)
+    shifted_logits = at_least_fp32(logits[:, :-1, :]).reshape(-1, vocab)
     shifted_labels = labels[:, 1:].reshape(-1).to(shifted_logits.device)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -48,7 +53,7 @@ def chunked_token_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, label
 
 
 def _chunk_loss_sum(h: torch.Tensor, y: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+    return F.cross_entropy(at_least_fp32(lm_head(h)), y, reduction="sum")
 
 
 def sequence_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

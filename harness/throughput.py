@@ -117,9 +117,9 @@ class StepTimer:
     """Wall time per phase of a step, without adding synchronisation on the GPU.
 
     On CUDA the phases are bracketed with CUDA events, which the GPU timestamps as it reaches
-    them; they are read only in `collect()`, which the loop calls after the step's loss
-    all-reduce, the step's existing sync point. A host-side clock would measure only the time
-    to queue kernels. On the CPU every op is synchronous, so perf_counter is exact.
+    them; they are read only in `take()`, when a log line is written, which follows the step's
+    loss all-reduce, the step's existing sync point. A host-side clock would measure only the
+    time to queue kernels. On the CPU every op is synchronous, so perf_counter is exact.
     """
 
     def __init__(self, device: torch.device):
