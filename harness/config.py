@@ -50,7 +50,7 @@ class TrainConfig:
     trust_remote_code: bool = flag(False, "Allow the model folder to run its own Python code. Off unless you trust the folder.")
 
     # Where it goes.
-    ds_config: str = flag("zero2", "DeepSpeed JSON config: a path, or the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload).")
+    ds_config: str = flag("zero2", "DeepSpeed JSON config: a path, the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload), or auto: the memory planner's pick for this model and machine (launch/plan.py).")
     output_dir: str = flag("runs/default", "Run directory: config.json, metrics.jsonl, tensorboard/, final/.")
     overwrite: bool = flag(False, "Replace an existing run directory (only one this harness wrote) instead of refusing.")
 
@@ -98,6 +98,8 @@ class TrainConfig:
     # Bookkeeping.
     seed: int = flag(42, "Seed for data order and every RNG.")
     log_every: int = flag(1, "Write metrics every N optimizer steps.")
+    # Throughput accounting
+    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
     eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
     # Evaluation and LoRA
     eval_split: float = flag(0.0, "Hold out this seeded fraction of --data for evaluation when --eval_data is empty (0: none).")
@@ -130,7 +132,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
-                     "save_steps", "keep_last"):
+                     "save_steps", "keep_last", "chunked_ce"):
             if getattr(self, name) < 0:
                 errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
@@ -261,7 +263,10 @@ def _make_eval_config():
     # ZeRO-3 by default: evaluation has no optimizer state, so sharding the weights is the only
     # reason to use DeepSpeed here, and it lets a model larger than one device be evaluated.
     defaults = {"ds_config": "zero3"}
-    fields = own + [(name, hints[name], flag(defaults.get(name, shared[name].default), shared[name].metadata["doc"]))
+    # The memory planner plans training (optimizer state, activations); evaluation has neither.
+    docs = {"ds_config": "DeepSpeed JSON config: a path, or the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload)."}
+    fields = own + [(name, hints[name], flag(defaults.get(name, shared[name].default),
+                                             docs.get(name, shared[name].metadata["doc"])))
                     for name in EVAL_SHARED_FLAGS]
     cls = dataclasses.make_dataclass("EvalConfig", fields, frozen=True,
                                      namespace={"__post_init__": _eval_post_init, "to_dict": dataclasses.asdict})

@@ -21,7 +21,8 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (must follow the accelerator choice above)
 
 from harness import dist  # noqa: E402
-from harness.loss import sequence_log_likelihood, token_loss_sum  # noqa: E402
+from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
+from harness.throughput import NULL_TIMER  # noqa: E402
 
 
 def init_distributed(timeout_s: int = 1800) -> dist.DistInfo:
@@ -57,7 +58,8 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0):
+        self.chunked_ce = chunked_ce
         if lr_lambda is None:
             # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
             # gathers each layer for its forward, which is what lets a large model be evaluated.
@@ -82,10 +84,17 @@ class Engine:
 
     def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.ds.device) for k, v in batch.items()}
+        if self.chunked_ce:
+            # logits_to_keep=1: the model's own head runs on one position only; the loss applies
+            # the same head (DeepSpeed's hooks gather it under ZeRO-3) chunk by chunk.
+            out = self.ds(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+            return chunked_token_loss_sum(out.hidden_states[-1], self.ds.module.get_output_embeddings(),
+                                          batch["labels"], self.chunked_ce)
         logits = self.ds(**model_inputs(batch)).logits
         return token_loss_sum(logits, batch["labels"])
 
-    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float, step: int = -1) -> float:
+    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float, step: int = -1,
+                   timer=NULL_TIMER) -> float:
         """Forward and backward one micro-batch; return its (unnormalised) loss sum.
 
         DeepSpeed averages gradients over ranks; we do not let it divide by the accumulation
@@ -93,12 +102,21 @@ class Engine:
         world_size / step_tokens, where step_tokens counts the supervised tokens of the whole
         optimizer step on all ranks. The accumulated gradient is then exactly the gradient of
         the token-weighted step loss.
+
+        `timer` (harness.throughput.StepTimer) brackets forward, backward and optimizer step;
+        the optimizer phase includes ZeRO's gradient reduction and any offloaded update.
         """
+        t = timer.start("forward")
         loss_sum = self.forward_loss_sum(batch)
+        timer.stop(t)
         if str(step) in os.environ.get("HARNESS_NAN_AT_STEPS", "").split(","):
             loss_sum = loss_sum * float("nan")  # test hook: poison these (0-based) steps' loss
+        t = timer.start("backward")
         self.ds.backward(loss_sum * (self.world_size / step_tokens), scale_wrt_gas=False)
+        timer.stop(t)
+        t = timer.start("optimizer")
         self.ds.step()  # a no-op except at the accumulation boundary, where it updates
+        timer.stop(t)
         return float(loss_sum.detach())
 
     def skipped_steps(self) -> int:

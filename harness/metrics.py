@@ -33,10 +33,15 @@ class MetricsLogger:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
 
-    def progress(self, steps: int, loss: float, tokens_per_s: float) -> None:
+    def progress(self, steps: int, loss: float, rates: dict) -> None:
+        """`rates` is harness.throughput.Window.record(): real tokens/s, padding efficiency, MFU."""
         if self.enabled:
             self._bar.update(steps)
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            shown = {"loss": f"{loss:.4f}", "tok_s": f"{rates['tokens_per_s']:,.0f}",
+                     "pad_eff": f"{rates['padding_efficiency']:.0%}"}
+            if "mfu" in rates:
+                shown["mfu"] = f"{rates['mfu']:.1%}"
+            self._bar.set_postfix(shown)
 
     def write(self, message: str) -> None:
         if self.enabled:

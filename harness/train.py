@@ -28,6 +28,7 @@ from harness.errors import CollectiveTimeout, HarnessError, TrainingAborted
 from harness.loss import supervised_tokens
 from harness.metrics import MetricsLogger
 from harness.schedule import lr_lambda, warmup_steps
+from harness.throughput import StepTimer, StepTokens, Window, count_tokens, flop_model, peak_flops, peak_memory
 from harness.tasks.common import load_template
 
 
@@ -124,7 +125,6 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     resume_from = checkpoint.resolve_resume(cfg.resume, out)
     check_output_dir(out, cfg.overwrite, cfg.resume, resume_from)
 
-    raw_ds = ds_config.load(cfg.ds_config)
     model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
     if not model_path or not data_path:
         from harness import default_assets
@@ -140,6 +140,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     dtype = model_mod.resolve_dtype(cfg.dtype, info.device)
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
+    ds_name = auto_ds_config(model_path, info, cfg, seq_len) if cfg.ds_config == "auto" else cfg.ds_config
+    raw_ds = ds_config.load(ds_name)
 
     if cfg.lora:
         model_mod.check_lora_targets(model_config, cfg.lora_targets, cfg.trust_remote_code)
@@ -179,7 +181,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     batches = data.StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
     filled = ds_config.fill(raw_ds, cfg, batch, dtype, on_cpu=info.device.type == "cpu",
-                            source=str(ds_config.resolve_path(cfg.ds_config)))
+                            source=str(ds_config.resolve_path(ds_name)))
     if cfg.save_steps:
         check_checkpoint_room(out, model_mod.count_parameters(model_path), cfg, total)
     fingerprints = {"model_fingerprint": model_fingerprint(model_config),
@@ -207,6 +209,25 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
                        "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
                 fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state,
                 batches=batches, report=data_report, eval_set=eval_set, best=best)
+
+
+def auto_ds_config(model_path: str, info: dist.DistInfo, cfg: TrainConfig, seq_len: int) -> str:
+    """`--ds_config auto`: the memory planner's recommendation (harness.memory_plan) on this machine.
+
+    Every rank must use the same ZeRO config, and hosts may differ in memory: rank 0 decides.
+    """
+    from harness import memory_plan
+
+    try:
+        choice, text = memory_plan.auto_ds_config(model_path, info.world_size, info.device, cfg.micro_batch_size,
+                                                  seq_len, cfg.grad_ckpt)
+    except HarnessError as err:
+        choice, text = None, str(err)
+    choice, text = dist.all_gather_objects((choice, text))[0]
+    if choice is None:
+        raise HarnessError(text)
+    dist.print0(f"--ds_config auto -> {choice}\n{text}")
+    return choice
 
 
 # A checkpoint holds per parameter: fp32 master weights and two fp32 Adam moments (12 bytes),
@@ -316,7 +337,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, cfg.grad_ckpt, cfg.trust_remote_code)
     if cfg.lora:
         model = model_mod.apply_lora(model, cfg)
-    engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps))
+    engine = engine_mod.Engine(model, plan.ds_config, lr_lambda(cfg, plan.total_steps), cfg.chunked_ce)
     load_ctx.release()
     # Record the kernel transformers actually installed, not the one we asked for.
     plan.attn = getattr(engine.module.config, "_attn_implementation", None) or plan.attn
@@ -342,7 +363,12 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
     logger = MetricsLogger(out, info.is_rank0, plan.total_steps, start_step)
     stop = checkpoint.StopRequest()
     losses: list[float] = []
-    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    flops = flop_model(engine.module)
+    peak, device_name = peak_flops(info.device, plan.dtype)
+    dist.print0(f"throughput: {flops.linear_flops_per_token / 1e6:.3f} MFLOP per token in matmuls; "
+                + (f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({device_name}, {plan.dtype})" if peak else device_name))
+    window = Window(info.world_size, peak)
+    timer = StepTimer(info.device)
 
     def save(step: int) -> Path:
         state = {"step": step, "epoch": step // sampler.steps_per_epoch,
@@ -352,12 +378,16 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
                  "best": {"metric": plan.best.metric, "value": plan.best.best, "step": plan.best.best_step,
                           "evals_without_gain": plan.best.evals_without_gain},
                  **plan.fingerprints, "config": plan.resolved()}
-        return checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
-                               info, cfg.keep_last)
+        t = timer.start("checkpoint")
+        folder = checkpoint.save(engine, out, step, state, lambda folder: save_hf_files(engine, plan, folder),
+                                 info, cfg.keep_last)
+        timer.stop(t)
+        return folder
 
     if plan.eval_rows and start_step == 0:
         log_eval(engine, plan, info, pad_id, logger, 0)  # the baseline every later eval is read against
     engine.train()
+    window.reset()  # training throughput: the step-0 evaluation is not training time
     done_steps = start_step
     for step in range(start_step, plan.total_steps):
         done_steps = step + 1
@@ -365,13 +395,17 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         dist.heartbeat(step + 1)
         step_start = time.perf_counter()
         lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
+        t = timer.start("data")
         micro_batches = plan.batches(step, info.rank)  # padded or packed, the same samples either way
-        local_supervised = sum(supervised_tokens(b["labels"]) for b in micro_batches)
-        local_real = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        step_supervised, step_real = dist.all_reduce_sum([local_supervised, local_real])
+        local = count_tokens(micro_batches, flops, supervised_tokens)
+        # Every rank needs the step's supervised count before its first backward (loss scaling),
+        # so waiting for it is part of getting the data.
+        step_supervised, step_real, step_slots, step_flops = dist.all_reduce_sum(
+            [local.supervised, local.real, local.slots, local.flops])
+        timer.stop(t)
 
         skipped_before = engine.skipped_steps()
-        local_loss_sum = sum(engine.micro_step(b, step_supervised, step) for b in micro_batches)
+        local_loss_sum = sum(engine.micro_step(b, step_supervised, step, timer) for b in micro_batches)
         # One collective for the loss and for "has any rank been asked to stop"; it is also the
         # step's sync point for timing.
         loss_sum, stop_votes = dist.all_reduce_sum([local_loss_sum, float(stop.requested)])
@@ -379,8 +413,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         losses.append(loss)
         tokens_seen += int(step_real)
         step_time = time.perf_counter() - step_start
-        window_tokens += step_real
-        window_steps += 1
+        window.add(StepTokens(int(step_slots), int(step_real), int(step_supervised), step_flops))
 
         if engine.skipped_steps() > skipped_before or not math.isfinite(loss):
             bad_steps += 1
@@ -397,19 +430,23 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
             bad_steps = 0
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == plan.total_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
+            # Rates, MFU and the phase breakdown cover every step since the last log line,
+            # checkpoint saves included, evaluation excluded.
+            rates = window.record()
             logger.log(step + 1, {
                 "loss": loss, "lr": lr, "grad_norm": engine.last_grad_norm(),
                 "tokens": tokens_seen, "supervised_tokens": int(step_supervised),
-                "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                **rates, "step_time_s": step_time, **timer.take(), **peak_memory(info.device),
                 "epoch": (step + 1) / sampler.steps_per_epoch,
             })
-            logger.progress(window_steps, loss, tokens_per_s)
-            window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+            logger.progress(window.steps, loss, rates)
+            window.reset()
 
         if plan.eval_rows and cfg.eval_steps and (step + 1) % cfg.eval_steps == 0 and step + 1 < plan.total_steps:
-            if log_eval(engine, plan, info, pad_id, logger, step + 1):
+            eval_start = time.perf_counter()
+            stop_early = log_eval(engine, plan, info, pad_id, logger, step + 1)
+            window.exclude(time.perf_counter() - eval_start)  # evaluation is not training throughput
+            if stop_early:
                 dist.print0(f"early stopping at step {step + 1}: {plan.best.metric} has not improved on "
                             f"{plan.best.best:.4f} (step {plan.best.best_step}) for {cfg.early_stopping_patience} evaluations")
                 break

@@ -75,6 +75,9 @@ def test_run_directory_contract(tmp_path):
     for m in train:
         assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_time_s"} <= m.keys()
         assert m["tokens_per_s"] > 0 and m["step_time_s"] > 0 and m["grad_norm"] > 0
+        # Throughput accounting under 2 ranks: the four counts are all-reduced together.
+        assert m["slot_tokens_per_s"] >= m["tokens_per_s"] >= m["supervised_tokens_per_s"] > 0
+        assert m["model_tflops_per_s"] > 0 and m["time_backward_s"] > 0 and m["peak_host_rss_gib"] > 0
     assert train[-1]["tokens"] > train[0]["tokens"]
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
