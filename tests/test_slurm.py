@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from conftest import LAUNCHER_ENV_VARS, ROOT, launch_ok, read_metrics
 
-SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch")) + sorted((ROOT / ".ci").glob("*.sh"))
+SCRIPTS = (sorted((ROOT / "slurm").glob("*.sbatch")) + sorted((ROOT / ".ci").glob("*.sh"))
+           + sorted((ROOT / "scripts").rglob("*.sh")) + [ROOT / ".ci" / "run"])
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 
 
@@ -30,7 +31,8 @@ TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 
 def test_every_expected_script_is_checked():
     names = {p.relative_to(ROOT).as_posix() for p in SCRIPTS}
-    assert {"slurm/train.sbatch", "slurm/prepare_data.sbatch", ".ci/slurm_cluster.sh", ".ci/slurm.sh"} <= names
+    assert {"slurm/train.sbatch", "slurm/prepare_data.sbatch", ".ci/slurm_cluster.sh", ".ci/slurm.sh", ".ci/run",
+            "scripts/setup.sh", "scripts/test.sh", "scripts/demo.sh", "scripts/gpu/run_checks.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -48,7 +50,7 @@ def test_script_passes_bash_n_and_shellcheck(script):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_script_opens_with_the_command_that_uses_it(script):
     first_comment = script.read_text().splitlines()[1]
-    assert first_comment.startswith(("# sbatch slurm/", "# bash .ci/")), first_comment
+    assert first_comment.startswith(("# sbatch slurm/", "# bash .ci/", "# bash scripts/")), first_comment
 
 
 def dry_run(tmp_path, args: list[str], **slurm_env) -> subprocess.CompletedProcess:

@@ -29,3 +29,7 @@ ls .whl/deepspeed-0.19.8-*.whl >/dev/null 2>&1 || \
   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 ls -1 .whl
 du -sh .whl
+# The benchmark data travels too (../shared does not); .gpu/ is git-ignored, never committed.
+mkdir -p .gpu
+cp ../shared/data/alpaca_subset_2k/alpaca_data.json .gpu/
+grep -qx '/.gpu/' .gitignore || echo '/.gpu/' >> .gitignore

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, from the repo root (device tool: carry [".whl"], after
-# `bash scripts/gpu/fetch_wheels.sh` here):
-#     bash scripts/gpu/run_checks.sh                 # GPU-marked tests, then the issue-8 benchmarks
-#     bash scripts/gpu/run_checks.sh tests-only      # only the GPU-marked tests
+# bash scripts/gpu/run_checks.sh              # on the lent GPU machine: GPU-marked tests, then the issue-8 benchmarks
+# bash scripts/gpu/run_checks.sh tests-only   # only the GPU-marked tests
+#
+# From the repo root there, after `bash scripts/gpu/fetch_wheels.sh` here; the device tool must
+# carry [".whl", ".gpu"].
 #
 # The GPU image has torch, transformers, accelerate, peft, tensorboard and sentencepiece; the
 # carried wheels add deepspeed, datasets, fire and their missing dependencies, installed into
@@ -21,7 +22,26 @@ python3 -c 'import torch, deepspeed, transformers; print(torch.__version__, deep
 python3 -m pytest -q -m cuda tests/ 2>&1 | tee "$out/pytest-gpu.log"
 [ "${1:-}" = tests-only ] && exit 0
 
-# Issue 8 targets, each figure with its command (see docs/benchmarks.md for the recorded ones).
-if [ -f launch/benchmark.py ]; then
-  python3 launch/benchmark.py --help > /dev/null
-fi
+# Issue 8 targets; every command is echoed into the log next to its figures.
+alpaca=${ALPACA:-.gpu/alpaca_data.json}   # ../shared does not travel: fetch_wheels.sh copies it into .gpu/
+run() { echo "+ $*" | tee -a "$out/commands.log"; "$@"; }
+[ -d models/llama-1b ] || run python3 scripts/gpu/make_model.py llama-1b models/llama-1b
+
+# 1. MFU of the 1B Llama shape, full fine-tune, bf16, packed seq 4096, ZeRO-2, 1 GPU.
+run python3 launch/train.py --model models/llama-1b --data "$alpaca" --ds_config zero2 --dtype bf16 --seq_len 4096 \
+  --packing True --micro_batch_size 16 --max_steps 30 --lr 1e-5 --log_every 5 --output_dir "$out/mfu-1b" --overwrite \
+  2>&1 | tail -20 | tee "$out/mfu-1b.log"
+python3 -c 'import json,sys; m=[json.loads(l) for l in open(sys.argv[1])]; print({k: m[-1].get(k) for k in ("mfu","tokens_per_s","peak_memory_gib")})' \
+  "$out/mfu-1b/metrics.jsonl" | tee -a "$out/mfu-1b.log"
+
+# 2. Harness / HF Trainer real tokens/s, same model, data and DeepSpeed config.
+run python3 launch/benchmark.py --model models/llama-1b --data "$alpaca" --ds_config zero2 --dtype bf16 --seq_len 4096 \
+  --micro_batch_size 4 --max_steps 20 --output "$out/bench-1b.json" 2>&1 | tail -20 | tee "$out/bench-1b.log"
+
+# 3. 7B full fine-tune on one 80 GB GPU: ZeRO-3 + CPU offload, >= 20 optimizer steps; the planner's prediction first.
+[ -d models/llama2-7b ] || run python3 scripts/gpu/make_model.py llama2-7b models/llama2-7b
+run python3 launch/plan.py --model models/llama2-7b --world_size 1 --gpu_gib 80 --host_gib 128 --micro_batch_size 1 \
+  --grad_ckpt True | tee "$out/plan-7b.txt"
+run python3 launch/train.py --model models/llama2-7b --data "$alpaca" --ds_config zero3_offload --dtype bf16 \
+  --seq_len 4096 --grad_ckpt True --micro_batch_size 1 --max_steps 20 --lr 1e-5 --log_every 1 \
+  --output_dir "$out/full-7b" --overwrite 2>&1 | tail -20 | tee "$out/full-7b.log"
