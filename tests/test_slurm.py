@@ -178,14 +178,14 @@ def wait_for_end(job_id: str, log: Path, timeout: float = 600) -> dict[str, str]
             return info
         time.sleep(1)
     subprocess.run(["scancel", job_id])
-    pytest.fail(f"job {job_id} did not end in {timeout}s:\n{log.read_text()[-4000:] if log.exists() else ''}")
+    pytest.fail(f"job {job_id} did not end in {timeout}s:\n{log.read_text(errors='replace')[-4000:] if log.exists() else ''}")
 
 
 def assert_complete_run(run: Path, steps: int, log: Path):
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["world_size"] == 2, "both nodes joined one job: 2 ranks"
     trained = sorted({m["step"] for m in read_metrics(run) if "loss" in m})
-    assert trained == list(range(1, steps + 1)), log.read_text()[-3000:]
+    assert trained == list(range(1, steps + 1)), log.read_text(errors='replace')[-3000:]
     for name in ("config.json", "model.safetensors"):
         assert (run / "final" / name).is_file()
     assert (run / "data_report.json").is_file() and (run / "tensorboard").is_dir()
@@ -209,10 +209,10 @@ def uninterrupted(tiny_model, tmp_path_factory):
 @pytest.mark.slurm
 def test_two_nodes_train_one_job(cluster, uninterrupted):
     run, log, info = uninterrupted
-    assert info["JobState"] == "COMPLETED", log.read_text()[-4000:]
+    assert info["JobState"] == "COMPLETED", log.read_text(errors='replace')[-4000:]
     assert info["NumNodes"] == "2" and info["Restarts"] == "0"
     assert_complete_run(run, STEPS, log)
-    text = log.read_text()
+    text = log.read_text(errors='replace')
     assert "2 node(s) x 1 rank(s)" in text and "attempt 1 ended with status 0" in text
 
 
@@ -224,13 +224,13 @@ def test_preempted_job_saves_requeues_and_resumes_bitwise(cluster, uninterrupted
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 5:
         assert time.time() < deadline and job_info(job_id)["JobState"] in ("PENDING", "RUNNING"), \
-            log.read_text()[-4000:] if log.exists() else job_info(job_id)
+            log.read_text(errors='replace')[-4000:] if log.exists() else job_info(job_id)
         time.sleep(0.2)
     # What `#SBATCH --signal=USR1@600` does before the time limit: SIGUSR1 to every process of the
     # job's steps on every node, not to the batch shell.
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     info = wait_for_end(job_id, log)
-    text = log.read_text()
+    text = log.read_text(errors='replace')
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert info["Restarts"] == "1", text[-4000:]
     assert "attempt 1 ended with status 75" in text and "requeueing job" in text
@@ -269,8 +269,8 @@ def test_prepare_data_then_train_with_afterok(cluster, tiny_model, tmp_path):
     run = tmp_path / "run"
     train_id, log = submit(tmp_path, ["--data", str(tmp_path / "prepared"), "--max_steps", "5", "--ds_config", "zero2",
                                       "--output_dir", str(run)], ["--nodes=1", f"--dependency=afterok:{prep_id}"])
-    assert wait_for_end(prep_id, prep_log)["JobState"] == "COMPLETED", prep_log.read_text()[-3000:]
-    assert wait_for_end(train_id, log)["JobState"] == "COMPLETED", log.read_text()[-3000:]
+    assert wait_for_end(prep_id, prep_log)["JobState"] == "COMPLETED", prep_log.read_text(errors='replace')[-3000:]
+    assert wait_for_end(train_id, log)["JobState"] == "COMPLETED", log.read_text(errors='replace')[-3000:]
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["world_size"] == 1 and (run / "final" / "model.safetensors").is_file()
 
