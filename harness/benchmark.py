@@ -1,7 +1,7 @@
 """Side by side: this harness against the baseline a user would otherwise run, on the same
 model, data, hardware and DeepSpeed config.
 
-    python launch/benchmark.py --data ../shared/data/alpaca_subset_2k --max_steps 30 --repeats 2
+    python launch/benchmark.py --data $DATA/alpaca_subset_2k --max_steps 30 --repeats 2
 
 Baseline: `transformers.Trainer` with `TrainingArguments(deepspeed=<the same filled config>)`,
 each micro-batch padded to its longest row, no packing. Both sides see the same tokenized rows
@@ -27,53 +27,36 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from harness.config import _coerce_types, flag
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from harness import data, dist, throughput
+from harness.config import TASK_FIELDS, BenchConfig, TrainConfig
+from harness.engine import init_distributed
 from harness.errors import HarnessError
+from harness.loss import supervised_tokens
+from harness.preflight import preflight
+from harness.train import run as train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 SIDES = ("harness", "baseline")
 BASELINE = "transformers.Trainer + DeepSpeed (same ds_config), pad to longest in batch, no packing"
 
 
-@dataclass(frozen=True)
-class BenchConfig:
-    model: str = flag("", "Local HF model folder. Empty: the embedded tiny default model.")
-    data: str = flag("", "Training data (any --data the harness accepts). Empty: the bundled sample instructions.")
-    ds_config: str = flag("zero2", "DeepSpeed config both sides use: a path or a shipped name.")
-    max_steps: int = flag(20, "Optimizer steps per run (the same samples count on both sides).")
-    micro_batch_size: int = flag(8, "Samples per optimizer step (one process, no accumulation).")
-    seq_len: int = flag(512, "Maximum tokens per sample.")
-    dtype: str = flag("fp32", "fp32 or bf16 (fp16 is refused by DeepSpeed on the CPU).")
-    lr: float = flag(1e-4, "Constant learning rate on both sides.")
-    repeats: int = flag(2, "Runs per side, alternating which goes first.")
-    seed: int = flag(42, "Seed for both sides.")
-    output: str = flag("benchmark.json", "Where the JSON goes; the table is printed and written next to it (.md).")
-
-    def __post_init__(self):
-        _coerce_types(self)
-        for name in ("max_steps", "micro_batch_size", "seq_len", "repeats"):
-            if getattr(self, name) < 1:
-                raise HarnessError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise HarnessError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
-
-
-def train_config(cfg: BenchConfig, out: Path, packing: bool):
-    from harness.config import TrainConfig
-
-    return TrainConfig(model=cfg.model, data=cfg.data, ds_config=cfg.ds_config, max_steps=cfg.max_steps,
-                       micro_batch_size=cfg.micro_batch_size, grad_accum_steps=1, seq_len=cfg.seq_len,
-                       dtype=cfg.dtype, lr=cfg.lr, lr_schedule="constant", seed=cfg.seed, output_dir=str(out),
-                       overwrite=True, packing=packing)
+def train_config(cfg: BenchConfig, out: Path, packing: bool) -> TrainConfig:
+    return TrainConfig(model=cfg.model, data=cfg.data, task=cfg.task, template=cfg.template,
+                       **{name: getattr(cfg, name) for name in TASK_FIELDS}, ds_config=cfg.ds_config,
+                       max_steps=cfg.max_steps, micro_batch_size=cfg.micro_batch_size, grad_accum_steps=1,
+                       seq_len=cfg.seq_len, dtype=cfg.dtype, lr=cfg.lr, lr_schedule="constant", seed=cfg.seed,
+                       output_dir=str(out), overwrite=True, packing=packing)
 
 
 def run_harness(cfg: BenchConfig, out: Path) -> dict:
-    from harness.train import run
-
-    result = run(train_config(cfg, out, packing=True))
+    result = train_run(train_config(cfg, out, packing=True))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
     # log_every 1: each record's rates cover exactly its own step, so elapsed = tokens / rate.
@@ -83,28 +66,23 @@ def run_harness(cfg: BenchConfig, out: Path) -> dict:
     slots = sum(n / r["padding_efficiency"] for n, r in zip(real, records))
     flops = sum(r["model_tflops_per_s"] * 1e12 * n / r["tokens_per_s"] for n, r in zip(real, records))
     return {"real_tokens": sum(real), "slot_tokens": slots, "loop_s": elapsed, "model_flops": flops,
-            "losses": result.losses, "dtype": result.plan.dtype}
+            "losses": result.losses, "dtype": result.setup.dtype}
 
 
 def run_baseline(cfg: BenchConfig, out: Path) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    # Only the baseline's process loads Trainer and what it pulls in: peak memory is measured per side.
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from harness import data, engine as engine_mod, throughput
-    from harness.loss import supervised_tokens
-    from harness.train import preflight
-
-    info = engine_mod.init_distributed()
+    info = init_distributed()
     # The harness's preflight gives the very rows, pad id and filled DeepSpeed config the harness trains on.
-    plan = preflight(train_config(cfg, out / "preflight", packing=False), info)
-    rows = plan.train_rows
+    setup = preflight(train_config(cfg, out / "preflight", packing=False), info)
+    rows = setup.train_rows
     counts = {"real": 0, "slots": 0, "flops": 0.0}
     flop_model: list = []
 
     def collate(features):
         batch = data.collate([data.TokenizedRow(-1, f["input_ids"], f["labels"]) for f in features],
-                             data.pad_id(plan.tokenizer))
+                             data.pad_id(setup.tokenizer))
         counts["real"] += int(batch["attention_mask"].sum())
         counts["slots"] += batch["input_ids"].numel()
         if flop_model:
@@ -123,15 +101,15 @@ def run_baseline(cfg: BenchConfig, out: Path) -> dict:
     args = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=1, max_steps=cfg.max_steps, learning_rate=cfg.lr, lr_scheduler_type="constant",
-        weight_decay=plan.cfg.weight_decay, adam_beta1=plan.cfg.adam_beta1, adam_beta2=plan.cfg.adam_beta2,
-        adam_epsilon=plan.cfg.adam_eps, max_grad_norm=plan.cfg.max_grad_norm, bf16=cfg.dtype == "bf16",
+        weight_decay=setup.cfg.weight_decay, adam_beta1=setup.cfg.adam_beta1, adam_beta2=setup.cfg.adam_beta2,
+        adam_epsilon=setup.cfg.adam_eps, max_grad_norm=setup.cfg.max_grad_norm, bf16=cfg.dtype == "bf16",
         logging_steps=1, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
-        dataloader_num_workers=0, remove_unused_columns=False, deepspeed=plan.ds_config,
+        dataloader_num_workers=0, remove_unused_columns=False, deepspeed=setup.ds_config,
         # Both sides keep only what the model needs; Trainer's length grouping is off by default.
     )
     # After TrainingArguments: under ZeRO-3 it registers the config that from_pretrained reads.
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
-                                                 attn_implementation=plan.attn)
+    model = AutoModelForCausalLM.from_pretrained(setup.model_path, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                                                 attn_implementation=setup.attn)
     model.config.use_cache = False
     flop_model.append(throughput.flop_model(model))
     dataset = Dataset.from_dict({"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]})
@@ -139,22 +117,17 @@ def run_baseline(cfg: BenchConfig, out: Path) -> dict:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"real_tokens": counts["real"], "slot_tokens": counts["slots"], "loop_s": counts["end"] - counts["start"],
-            "model_flops": counts["flops"], "losses": losses, "dtype": plan.dtype}
+            "model_flops": counts["flops"], "losses": losses, "dtype": setup.dtype}
 
 
 def side_main(which: str, cfg_json: str, result_path: str) -> None:
     """One side in this process (the parent runs each side in a fresh one)."""
-    import torch
-
-    from harness import dist
-    from harness.throughput import peak_flops, peak_memory
-
     cfg = BenchConfig(**json.loads(cfg_json))
     out = Path(result_path).with_suffix("")
     result = (run_harness if which == "harness" else run_baseline)(cfg, out)
     info = dist.info()
-    peak, why = peak_flops(info.device, result["dtype"])
-    result.update(peak_memory(info.device), device=torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
+    peak, why = throughput.peak_flops(info.device, result["dtype"])
+    result.update(throughput.peak_memory(info.device), device=torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
                   peak_flops=peak, mfu_note="" if peak else why,
                   mfu=result["model_flops"] / (result["loop_s"] * peak) if peak else None)
     Path(result_path).write_text(json.dumps(result))

@@ -8,11 +8,12 @@ Layout of one checkpoint, `output_dir/checkpoints/step-N/`:
     hf/                  model config + tokenizer, so launch/export.py needs nothing else
     manifest.json        written last: every file with its size, step, world size, ZeRO stage, version
 
-Commit protocol: every rank writes into `step-N.tmp/` and fsyncs its own files; all ranks agree
-that writing succeeded; only then rank 0 writes the manifest, renames the folder to `step-N/`
-and replaces `latest` atomically. A folder whose manifest is missing or does not match the
-files on disk is never resumed from and never counts as a kept checkpoint, so a `kill -9` at
-any moment leaves either the previous checkpoint or the new one, never a half one.
+Commit protocol (`save`, one named function per stage): every rank writes into `step-N.tmp/`
+and fsyncs its own files; all ranks agree that writing succeeded; only then rank 0 writes the
+manifest, renames the folder to `step-N/` and replaces `latest` atomically. A folder whose
+manifest is missing or does not match the files on disk is never resumed from and never counts
+as a kept checkpoint, so a `kill -9` at any moment leaves either the previous checkpoint or the
+new one, never a half one.
 
 The data position needs no sampler state: the rows of step N are a pure function of
 (seed, N, global batch) (`data.StepSampler`), so the step counter is the position.
@@ -20,14 +21,12 @@ The data position needs no sampler state: the rows of step N are a pure function
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +38,6 @@ from harness.errors import HarnessError
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# Exit status meaning "a checkpoint was saved on request (signal); requeue me with --resume auto".
-# 75 is EX_TEMPFAIL from sysexits.h: a temporary failure, the caller is invited to retry.
-EXIT_REQUEUE = 75
-
-
-# -- fault injection for tests ----------------------------------------------------------------
-
-def fault_point(name: str, step: int) -> None:
-    """Test hook: fail here when the environment says so, else do nothing.
-
-    HARNESS_CRASH_AT=name dies like `kill -9`; HARNESS_ENOSPC_AT=name raises "No space left on
-    device"; HARNESS_HANG_AT=name blocks forever. HARNESS_FAULT_RANK and HARNESS_FAULT_STEP narrow it to one rank / one save. Tests use
-    these to prove that a crash or a full disk at every stage of a save loses nothing.
-    """
-    rank, at_step = os.environ.get("HARNESS_FAULT_RANK"), os.environ.get("HARNESS_FAULT_STEP")
-    if (rank and int(rank) != int(os.environ.get("RANK", 0))) or (at_step and int(at_step) != step):
-        return
-    if os.environ.get("HARNESS_CRASH_AT") == name:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    if os.environ.get("HARNESS_ENOSPC_AT") == name:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if os.environ.get("HARNESS_HANG_AT") == name:
-        signal.pause()  # hang like a stuck kernel or a dead NFS mount: only the launcher can end us
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -186,6 +160,9 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 # -- save -------------------------------------------------------------------------------------
+#
+# A save is a sequence of named stages, each a function of its own, so a crash or a full disk can
+# be studied at every boundary between them (the tests wrap these functions).
 
 def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist.DistInfo, keep_last: int) -> Path:
     """Save and commit checkpoint `step-{step}`; every rank must call this."""
@@ -194,40 +171,22 @@ def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist
     error = None
     if info.is_rank0:
         try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            make_staging(tmp)
         except OSError as err:
             error = f"rank 0: {err}"
     error = dist.agree(error)
     if error is None:
         try:
-            fault_point("save:start", step)
-            engine.save_state(tmp / "ds")
-            fault_point("save:after_engine", step)
-            write_json(tmp / f"rng-rank{info.rank}.json", rng_state())
-            if info.is_rank0:
-                write_json(tmp / STATE, trainer_state)
-                hf_files(tmp / "hf")
-            fsync_tree(tmp, owned_by(info.rank))
+            write_engine_state(engine, tmp)
+            write_rank_files(tmp, trainer_state, hf_files, info)
         except OSError as err:
             error = f"rank {info.rank}: {err}"
         error = dist.agree(error)
     if error is None and info.is_rank0:
         try:
-            fault_point("save:before_manifest", step)
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-            write_json(tmp / MANIFEST, {
-                "step": step, "world_size": info.world_size, "zero_stage": engine.zero_stage,
-                "harness_version": __version__, "files": files,
-                "model_fingerprint": trainer_state["model_fingerprint"],
-            })
-            fault_point("save:before_rename", step)
-            if final.exists():  # the same step saved again, e.g. a signal right after a periodic save
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(root)
-            fault_point("save:before_latest", step)
-            replace_atomically(root / "latest", final.name + "\n")
+            write_manifest(tmp, step, engine.zero_stage, trainer_state["model_fingerprint"], info.world_size)
+            commit(tmp, final)
+            point_latest(root, final)
             prune(root, keep_last)
         except OSError as err:
             error = f"rank 0: {err}"
@@ -238,6 +197,47 @@ def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist
         raise HarnessError(f"saving the checkpoint of step {step} failed ({error}); the earlier checkpoints "
                            f"in {root} are intact")
     return final
+
+
+def make_staging(tmp: Path) -> None:
+    """Rank 0: an empty `step-N.tmp/` (a leftover of a crashed save of the same step is removed)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def write_engine_state(engine, tmp: Path) -> None:
+    """Every rank: its shard of weights, optimizer and LR-schedule state, through DeepSpeed."""
+    engine.save_state(tmp / "ds")
+
+
+def write_rank_files(tmp: Path, trainer_state: dict, hf_files, info: dist.DistInfo) -> None:
+    """Every rank: its RNG state; rank 0 also the trainer state and the HF files. Then each rank
+    fsyncs the files it wrote, so the manifest never lists bytes that are not on disk yet."""
+    write_json(tmp / f"rng-rank{info.rank}.json", rng_state())
+    if info.is_rank0:
+        write_json(tmp / STATE, trainer_state)
+        hf_files(tmp / "hf")
+    fsync_tree(tmp, owned_by(info.rank))
+
+
+def write_manifest(tmp: Path, step: int, zero_stage: int, model_fingerprint: str, world_size: int) -> None:
+    """Rank 0, after every rank's files are on disk: the list that makes the checkpoint verifiable."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_json(tmp / MANIFEST, {"step": step, "world_size": world_size, "zero_stage": zero_stage,
+                                "harness_version": __version__, "files": files, "model_fingerprint": model_fingerprint})
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rank 0: `step-N.tmp/` becomes `step-N/` in one rename."""
+    if final.exists():  # the same step saved again, e.g. a signal right after a periodic save
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def point_latest(root: Path, final: Path) -> None:
+    """Rank 0: `latest` names the new checkpoint (a convenience; resume verifies, it does not trust it)."""
+    replace_atomically(root / "latest", final.name + "\n")
 
 
 # -- resume -----------------------------------------------------------------------------------
@@ -308,7 +308,10 @@ def restore(engine, ckpt: Path, info: dist.DistInfo) -> None:
 
 class StopRequest:
     """SIGUSR1 / SIGTERM only set a flag; the loop acts on it at the next step boundary, after
-    all ranks agree, so a signal that arrives during a save lets that save finish first."""
+    all ranks agree, so a signal that arrives during a save lets that save finish first.
+
+    A context manager: leaving it, however the run ends, gives the process its former handlers
+    back (matters when training runs in-process)."""
 
     def __init__(self):
         self.requested = False
@@ -317,7 +320,9 @@ class StopRequest:
     def _handler(self, signum, frame):
         self.requested = True
 
-    def close(self) -> None:
-        """Give the process its former handlers back (matters when training runs in-process)."""
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -3,6 +3,10 @@
 `command(TrainConfig, run, doc)` returns a function whose keyword arguments (signature and
 docstring) are generated from the dataclass, so `--help` lists every flag with its doc, and
 python-fire rejects unknown flags because the function takes no `**kwargs`.
+
+This is also where exceptions become exit statuses (the library never calls sys.exit):
+`HarnessError` and its subclasses print `error: ...` and exit with their `exit_code`;
+`RequeueRequested` exits 75 quietly, the loop having logged which checkpoint it saved.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import inspect
 import sys
 from typing import Callable
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, RequeueRequested
 
 
 def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...] = ()) -> Callable:
@@ -25,9 +29,11 @@ def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...]
             _check_argv(names, len(positional))
             flags.update(zip(positional, args))
             run(config_cls(**flags))
+        except RequeueRequested as stop:
+            sys.exit(stop.exit_code)
         except HarnessError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(getattr(err, "exit_code", 2))
+            sys.exit(err.exit_code)
 
     main.__signature__ = inspect.Signature(
         [
@@ -41,7 +47,6 @@ def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...]
     main.__doc__ = f"{summary}\n\nArgs:\n{args}\n"
     main.__name__ = run.__name__
     return main
-
 
 
 def _check_argv(names: set[str], n_positional: int = 0) -> None:

@@ -1,14 +1,25 @@
-"""Training configuration: one frozen dataclass whose fields are the command-line flags.
+"""Every launcher's flags: frozen dataclasses whose fields are the command-line flags.
 
-`launch/train.py` exposes exactly these fields through python-fire (see `harness.cli`), so the
-flag reference, `--help` and the `config.json` written into every run directory all come from
-here. Validation that needs no files or devices happens in `__post_init__`; checks that need the
-filesystem, the model or the world size live in `harness.preflight`.
+`TrainConfig` is the one source. `launch/train.py` exposes exactly its fields through
+python-fire (see `harness.cli`), so the flag reference, `--help` and the `config.json` written
+into every run directory all come from here. The other launchers' configs (`EvalConfig`,
+`PrepareConfig`, `PlanConfig`, `BenchConfig`) are derived from it by `derive_config`: a flag
+they share with training keeps training's name, type, default, doc and validation unless the
+launcher says why it differs. `ExportConfig` shares nothing with training.
+
+Validation that needs no files or devices happens in `__post_init__`; checks that need the
+filesystem, the model or the world size live in `harness.preflight`. This module imports
+nothing heavy, so every launcher parses its flags (and answers --help) before torch loads.
+
+    python -m harness.config              # the flag table of launch/train.py, generated from TrainConfig
+    python -m harness.config EvalConfig   # ... of another launcher (PrepareConfig, PlanConfig, BenchConfig, ExportConfig)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -118,62 +129,68 @@ class TrainConfig:
 
     def __post_init__(self):
         _coerce_types(self)
-        errors = []
-        if self.dtype not in DTYPES:
-            errors.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.attn not in ATTN_IMPLEMENTATIONS:
-            errors.append(f"--attn {self.attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            errors.append(f"--lr_schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        for name in ("micro_batch_size", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batch_size", "max_new_tokens", "lora_r"):
-            if getattr(self, name) < 1:
-                errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
-                     "save_steps", "keep_last", "chunked_ce"):
-            if getattr(self, name) < 0:
-                errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 and self.epochs <= 0:
-            errors.append(f"--max_steps is 0 and --epochs is {self.epochs}: nothing to train; set one of them")
-        if self.lr <= 0:
-            errors.append(f"--lr must be > 0, got {self.lr}")
-        if self.warmup_steps > 0 and self.warmup_ratio > 0:
-            errors.append(f"--warmup_steps {self.warmup_steps} and --warmup_ratio {self.warmup_ratio} contradict; set only one")
-        if not 0 <= self.warmup_ratio < 1:
-            errors.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            errors.append(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.max_grad_norm < 0:
-            errors.append(f"--max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        if self.weight_decay < 0:
-            errors.append(f"--weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_bad_steps < 1:
-            errors.append(f"--max_bad_steps must be >= 1, got {self.max_bad_steps}")
-        if self.collective_timeout_s < 1:
-            errors.append(f"--collective_timeout_s must be >= 1, got {self.collective_timeout_s}")
-        if self.resume and self.overwrite:
-            errors.append("--resume and --overwrite contradict: one continues the run in output_dir, the other deletes it")
-        if not self.output_dir:
-            errors.append("--output_dir must not be empty")
-        if self.group_by_length < 0 or self.num_proc < 0:
-            errors.append(f"--group_by_length and --num_proc must be >= 0, got {self.group_by_length}, {self.num_proc}")
-        if self.group_by_length and self.packing:
-            errors.append("--group_by_length sorts rows for the unpacked path; it needs --packing False")
-        if not 0 <= self.eval_split < 1:
-            errors.append(f"--eval_split must be in [0, 1), got {self.eval_split}")
-        if self.eval_split and self.eval_data:
-            errors.append(f"--eval_split {self.eval_split} and --eval_data {self.eval_data} contradict; set only one")
-        if not 0 <= self.lora_dropout < 1:
-            errors.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.merge_lora and not self.lora:
-            errors.append("--merge_lora needs --lora")
-        if errors:
-            raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
+        _raise_if(train_flag_errors(self))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def train_flag_errors(cfg) -> list[str]:
+    """Training's rules for its flags; derived configs apply them to the flags they share."""
+    errors = []
+    if cfg.dtype not in DTYPES:
+        errors.append(f"--dtype {cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+    if cfg.attn not in ATTN_IMPLEMENTATIONS:
+        errors.append(f"--attn {cfg.attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        errors.append(f"--lr_schedule {cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    for name in ("micro_batch_size", "grad_accum_steps", "log_every", "eval_batch_size", "max_new_tokens", "lora_r"):
+        if getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
+                 "save_steps", "keep_last", "chunked_ce"):
+        if getattr(cfg, name) < 0:
+            errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_steps == 0 and cfg.epochs <= 0:
+        errors.append(f"--max_steps is 0 and --epochs is {cfg.epochs}: nothing to train; set one of them")
+    if cfg.lr <= 0:
+        errors.append(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.warmup_steps > 0 and cfg.warmup_ratio > 0:
+        errors.append(f"--warmup_steps {cfg.warmup_steps} and --warmup_ratio {cfg.warmup_ratio} contradict; set only one")
+    if not 0 <= cfg.warmup_ratio < 1:
+        errors.append(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        errors.append(f"--min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.max_grad_norm < 0:
+        errors.append(f"--max_grad_norm must be >= 0 (0 disables clipping), got {cfg.max_grad_norm}")
+    if cfg.weight_decay < 0:
+        errors.append(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    if cfg.max_bad_steps < 1:
+        errors.append(f"--max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
+    if cfg.collective_timeout_s < 1:
+        errors.append(f"--collective_timeout_s must be >= 1, got {cfg.collective_timeout_s}")
+    if cfg.resume and cfg.overwrite:
+        errors.append("--resume and --overwrite contradict: one continues the run in output_dir, the other deletes it")
+    if not cfg.output_dir:
+        errors.append("--output_dir must not be empty")
+    if cfg.group_by_length < 0 or cfg.num_proc < 0:
+        errors.append(f"--group_by_length and --num_proc must be >= 0, got {cfg.group_by_length}, {cfg.num_proc}")
+    if cfg.group_by_length and cfg.packing:
+        errors.append("--group_by_length sorts rows for the unpacked path; it needs --packing False")
+    if not 0 <= cfg.eval_split < 1:
+        errors.append(f"--eval_split must be in [0, 1), got {cfg.eval_split}")
+    if cfg.eval_split and cfg.eval_data:
+        errors.append(f"--eval_split {cfg.eval_split} and --eval_data {cfg.eval_data} contradict; set only one")
+    if not 0 <= cfg.lora_dropout < 1:
+        errors.append(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.merge_lora and not cfg.lora:
+        errors.append("--merge_lora needs --lora")
+    return errors
+
+
+def _raise_if(errors: list[str]) -> None:
+    if errors:
+        raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
 
 
 def flag_docs(cls=TrainConfig) -> dict[str, str]:
@@ -211,7 +228,7 @@ def _coerce_types(cfg) -> None:
 
 
 def flags_table(cls=TrainConfig) -> str:
-    """The README's flag reference, generated from the dataclass: `python -m harness.config`."""
+    """A flag reference generated from a config dataclass: `python -m harness.config`."""
     lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in dataclasses.fields(cls):
         default = '""' if f.default == "" else repr(f.default)
@@ -219,59 +236,138 @@ def flags_table(cls=TrainConfig) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(flags_table())
+# -- the other launchers' flags, derived from TrainConfig -------------------------------------------
 
-# launch/evaluate.py: the flags it shares with training are TrainConfig's own fields (same names,
-# defaults and docs), so a task reads its field names from either config the same way.
-EVAL_SHARED_FLAGS = (
-    "task", "template", "instruction_field", "input_field", "output_field", "text_field", "label_field", "labels",
-    "context_field", "question_field", "answers_field", "document_field", "summary_field", "trust_remote_code",
-    "ds_config", "seq_len", "dtype", "attn", "seed", "eval_batch_size", "max_new_tokens", "max_eval_samples",
-    "local_rank",
-)
-
-
-def _eval_post_init(self) -> None:
-    _coerce_types(self)
-    errors = []
-    for name in ("model", "data", "output_dir"):
-        if not getattr(self, name):
-            errors.append(f"--{name} is required")
-    for name in ("eval_batch_size", "max_new_tokens"):
-        if getattr(self, name) < 1:
-            errors.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("seq_len", "max_eval_samples"):
-        if getattr(self, name) < 0:
-            errors.append(f"--{name} must be >= 0, got {getattr(self, name)}")
-    if self.dtype not in DTYPES:
-        errors.append(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-    if self.attn not in ATTN_IMPLEMENTATIONS:
-        errors.append(f"--attn {self.attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
-    if errors:
-        raise HarnessError("invalid flags:\n  " + "\n  ".join(errors))
-
-
-def _make_eval_config():
+def derive_config(name: str, own: list[tuple[str, type, object]], shared: tuple[str, ...], *,
+                  defaults: dict | None = None, docs: dict[str, str] | None = None, check=None):
+    """A launcher's flag dataclass: its `own` fields (name, type, flag(...)), then the `shared`
+    fields of TrainConfig with training's type, default and doc; `defaults` and `docs` override
+    those where the launcher's meaning differs. Shared flags are validated by training's rules
+    (`train_flag_errors`), own ones by `check(cfg) -> list of errors`."""
     hints = typing.get_type_hints(TrainConfig)
-    shared = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    own = [
-        ("model", str, flag("", "Model to evaluate: a local HF folder, a run's final/ or best/ (a LoRA adapter folder is merged into its base).")),
-        ("data", str, flag("", "Evaluation data: a .json/.jsonl/.csv/.tsv/.parquet file or a save_to_disk folder, in the task's layout.")),
-        ("output_dir", str, flag("eval_out", "Folder that receives metrics.json and predictions.jsonl.")),
-    ]
-    # ZeRO-3 by default: evaluation has no optimizer state, so sharding the weights is the only
-    # reason to use DeepSpeed here, and it lets a model larger than one device be evaluated.
-    defaults = {"ds_config": "zero3"}
-    # The memory planner plans training (optimizer state, activations); evaluation has neither.
-    docs = {"ds_config": "DeepSpeed JSON config: a path, or the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload)."}
-    fields = own + [(name, hints[name], flag(defaults.get(name, shared[name].default),
-                                             docs.get(name, shared[name].metadata["doc"])))
-                    for name in EVAL_SHARED_FLAGS]
-    cls = dataclasses.make_dataclass("EvalConfig", fields, frozen=True,
-                                     namespace={"__post_init__": _eval_post_init, "to_dict": dataclasses.asdict})
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults, docs = defaults or {}, docs or {}
+    fields = own + [(n, hints[n], flag(defaults.get(n, train_fields[n].default), docs.get(n, train_fields[n].metadata["doc"])))
+                    for n in shared]
+    train_defaults = {n: f.default for n, f in train_fields.items()}
+
+    def __post_init__(self):
+        _coerce_types(self)
+        # Training's rules see this launcher's values for the shared flags, training's defaults for the rest.
+        as_train = types.SimpleNamespace(**{**train_defaults, **{n: getattr(self, n) for n in shared}})
+        _raise_if(train_flag_errors(as_train) + (check(self) if check else []))
+
+    cls = dataclasses.make_dataclass(name, fields, frozen=True,
+                                     namespace={"__post_init__": __post_init__, "to_dict": dataclasses.asdict})
     cls.__module__ = __name__
     return cls
 
 
-EvalConfig = _make_eval_config()
+def _required(*names: str):
+    return lambda cfg: [f"--{n} is required" for n in names if not getattr(cfg, n)]
+
+
+# launch/evaluate.py
+EvalConfig = derive_config(
+    "EvalConfig",
+    own=[("model", str, flag("", "Model to evaluate: a local HF folder, a run's final/ or best/ (a LoRA adapter folder is merged into its base).")),
+         ("data", str, flag("", "Evaluation data: a .json/.jsonl/.csv/.tsv/.parquet file or a save_to_disk folder, in the task's layout.")),
+         ("output_dir", str, flag("eval_out", "Folder that receives metrics.json and predictions.jsonl."))],
+    shared=("task", "template", *TASK_FIELDS, "trust_remote_code", "ds_config", "seq_len", "dtype", "attn", "seed",
+            "eval_batch_size", "max_new_tokens", "max_eval_samples", "local_rank"),
+    # ZeRO-3 by default: evaluation has no optimizer state, so sharding the weights is the only
+    # reason to use DeepSpeed here, and it lets a model larger than one device be evaluated.
+    defaults={"ds_config": "zero3"},
+    # The memory planner plans training (optimizer state, activations); evaluation has neither.
+    docs={"ds_config": "DeepSpeed JSON config: a path, or the name of a shipped one (zero2, zero3, zero2_offload, zero3_offload)."},
+    check=_required("model", "data", "output_dir"),
+)
+
+# launch/prepare_data.py: tokenizes exactly as the training run with the same flags will, and
+# estimates its bins' fill rate for the run's batch.
+PrepareConfig = derive_config(
+    "PrepareConfig",
+    own=[("output", str, flag("", "Folder to write; pass it to launch/train.py --data.")),
+         ("overwrite", bool, flag(False, "Replace an existing output folder written by this step.")),
+         ("world_size", int, flag(1, "Ranks of the training run, for the fill-rate estimate of its bins."))],
+    shared=("data", "model", "task", "template", *TASK_FIELDS, "trust_remote_code", "seq_len", "num_proc",
+            "micro_batch_size", "grad_accum_steps", "seed"),
+    docs={"data": "Data file to tokenize (.json/.jsonl/.csv/.tsv/.parquet or a save_to_disk folder).",
+          "model": "Local model folder whose tokenizer to use (as training's --model). Empty: the embedded tiny default model.",
+          "micro_batch_size": "Samples per micro-batch of the training run (fill-rate estimate).",
+          "grad_accum_steps": "Micro-batches per step of the training run (fill-rate estimate).",
+          "seed": "Seed of the training run (fill-rate estimate)."},
+    check=lambda cfg: _required("data", "output")(cfg) + ([] if cfg.world_size >= 1 else
+                                                          [f"--world_size must be >= 1, got {cfg.world_size}"]),
+)
+
+
+def _plan_errors(cfg) -> list[str]:
+    errors = [] if bool(cfg.model) != bool(cfg.model_config) else ["give exactly one of --model and --model_config"]
+    errors += [f"--world_size must be >= 1, got {cfg.world_size}"] if cfg.world_size < 1 else []
+    errors += ["--gpu_gib and --host_gib must be > 0"] if cfg.gpu_gib <= 0 or cfg.host_gib <= 0 else []
+    return errors + ([f"--gpus_per_node must be >= 0, got {cfg.gpus_per_node}"] if cfg.gpus_per_node < 0 else [])
+
+
+# launch/plan.py (and --ds_config auto): the memory planner.
+PlanConfig = derive_config(
+    "PlanConfig",
+    own=[("model_config", str, flag("", "Instead of --model: a config.json path or a JSON object of config fields (model_type defaults to llama).")),
+         ("world_size", int, flag(1, "GPUs in the job.")),
+         ("gpus_per_node", int, flag(0, "GPUs per host; 0: min(world_size, 8).")),
+         ("gpu_gib", float, flag(80.0, "Memory per GPU in GiB.")),
+         ("host_gib", float, flag(128.0, "Memory per host in GiB."))],
+    shared=("model", "trust_remote_code", "micro_batch_size", "seq_len", "grad_ckpt"),
+    docs={"model": "Local HF model folder; only its config.json is read.",
+          "micro_batch_size": "Rows per forward on each GPU, as in training (for the activation estimate).",
+          "seq_len": "Tokens per row, as in training (for the activation estimate). 0: min(2048, the model's maximum).",
+          "grad_ckpt": "Plan for activation checkpointing, as training's --grad_ckpt does."},
+    check=_plan_errors,
+)
+
+
+def _bench_errors(cfg) -> list[str]:
+    errors = [f"--{n} must be >= 1, got {getattr(cfg, n)}" for n in ("max_steps", "seq_len", "repeats")
+              if getattr(cfg, n) < 1]
+    return errors + ([] if cfg.dtype in ("fp32", "bf16") else [f"--dtype must be fp32 or bf16, got {cfg.dtype!r}"])
+
+
+# launch/benchmark.py: one side is this harness trained with these flags, the other
+# transformers.Trainer on the same rows.
+BenchConfig = derive_config(
+    "BenchConfig",
+    own=[("repeats", int, flag(2, "Runs per side, alternating which goes first.")),
+         ("output", str, flag("benchmark.json", "Where the JSON goes; the table is printed and written next to it (.md)."))],
+    shared=("model", "data", "task", "template", *TASK_FIELDS, "ds_config", "max_steps", "micro_batch_size", "seq_len",
+            "dtype", "lr", "seed"),
+    defaults={"max_steps": 20, "micro_batch_size": 8, "seq_len": 512, "dtype": "fp32", "lr": 1e-4},
+    docs={"data": "Training data (any --data the harness accepts). Empty: the bundled sample instructions.",
+          "ds_config": "DeepSpeed config both sides use: a path or a shipped name.",
+          "max_steps": "Optimizer steps per run (the same samples count on both sides).",
+          "micro_batch_size": "Samples per optimizer step (one process, no accumulation).",
+          "seq_len": "Maximum tokens per sample.",
+          "dtype": "fp32 or bf16 (fp16 is refused by DeepSpeed on the CPU).",
+          "lr": "Constant learning rate on both sides.",
+          "seed": "Seed for both sides."},
+    check=_bench_errors,
+)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """launch/export.py: everything it needs comes from the checkpoint, so it shares no training flag."""
+
+    checkpoint: str = flag("", "A checkpoint folder (output_dir/checkpoints/step-N) or a run directory (its newest checkpoint).")
+    out: str = flag("", "Folder to write the Hugging Face model into; must not exist or be empty.")
+    dtype: str = flag("auto", "Weight dtype: auto (the training precision), fp32, bf16 or fp16.")
+    max_shard_size: str = flag("5GB", "Largest safetensors shard, e.g. 5GB or 500MB.")
+
+    def __post_init__(self):
+        if not self.checkpoint or not self.out:
+            raise HarnessError("usage: launch/export.py CHECKPOINT OUT [--dtype ...] [--max_shard_size ...]")
+        if self.dtype not in DTYPES:
+            raise HarnessError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+
+if __name__ == "__main__":
+    print(flags_table(globals()[sys.argv[1]] if len(sys.argv) > 1 else TrainConfig))

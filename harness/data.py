@@ -8,7 +8,8 @@ that row loses its EOS. The target is therefore never removed entirely.
 
 Unpacked batches are padded on the right to the longest row in the micro-batch; pad positions
 carry label -100 and attention mask 0, so they change neither the loss nor any real token's
-logits. Packed batches are built by `harness.packing` from the same steps' samples.
+logits. Packed batches are built by `harness.packing` from the same steps' samples, and
+`harness.batches` hands each step's micro-batches, padded or packed, to the training loop.
 
 Tokenization runs through `datasets.map(batched=True)`; `harness.data_cache` stores its result
 under a key of everything that changes the tokens.
@@ -22,13 +23,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
 from harness.errors import HarnessError
+from harness.labels import IGNORE_INDEX
 from harness.tasks.common import Example, name_rows
 
-IGNORE_INDEX = -100
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 # GLUE-style .tsv files are tab-separated with literal quote characters inside fields.
 FORMAT_OPTIONS = {".tsv": {"sep": "\t", "quoting": 3}}
@@ -42,8 +44,6 @@ MAX_ZERO_SUPERVISED_SHARE = 0.01
 
 def read_rows(path_str: str, what: str = "--data"):
     """Load a local file or a `save_to_disk` folder as a `datasets.Dataset`; never the hub."""
-    import datasets
-
     path = Path(path_str)
     if not path.exists():
         raise HarnessError(f"{what} {path_str}: no such file or folder")
@@ -139,8 +139,6 @@ def tokenize_batch(batch: dict, tokenizer, seq_len: int) -> dict:
 
 
 def examples_dataset(examples: list[Example]):
-    import datasets
-
     return datasets.Dataset.from_dict({"row": [e.row for e in examples], "prompt": [e.prompt for e in examples],
                                        "target": [e.target for e in examples]})
 
@@ -269,47 +267,6 @@ class StepSampler:
         rows = self.step_rows(step)
         block = rows[rank * self.mb * self.ga: (rank + 1) * self.mb * self.ga]
         return [block[m * self.mb: (m + 1) * self.mb] for m in range(self.ga)]
-
-
-class StepBatches:
-    """The tensors of each micro-batch of a rank in a step: padded or packed, same samples."""
-
-    def __init__(self, rows: list[TokenizedRow], sampler: StepSampler, pad_id: int, packing: bool, seq_len: int):
-        self.rows, self.sampler, self.pad_id, self.packing, self.seq_len = rows, sampler, pad_id, packing, seq_len
-        self.lengths = [len(r.input_ids) for r in rows]
-
-    def plan(self, step: int) -> list[list[list[list[int]]]]:
-        """[rank][micro-step] -> row-index groups: one group per packed bin, or one per micro-batch."""
-        from harness import packing
-
-        if self.packing:
-            return packing.pack_step(self.sampler.step_rows(step), self.lengths, self.seq_len,
-                                     self.sampler.ws, self.sampler.ga).micro
-        return [[[micro] for micro in self.sampler.step(step, rank)] for rank in range(self.sampler.ws)]
-
-    def __call__(self, step: int, rank: int) -> list[dict[str, torch.Tensor]]:
-        from harness import packing
-
-        if not self.packing:
-            return [collate([self.rows[i] for i in rows], self.pad_id) for rows in self.sampler.step(step, rank)]
-        return [packing.collate_packed([[(self.rows[i].input_ids, self.rows[i].labels) for i in b] for b in bins],
-                                       self.pad_id)
-                for bins in self.plan(step)[rank]]
-
-    def slots(self, step: int) -> tuple[int, int]:
-        """(real tokens, token slots computed) of a step on all ranks, without building tensors."""
-        real = slots = 0
-        for rank in self.plan(step):
-            for groups in rank:
-                if self.packing:
-                    widths = [sum(self.lengths[i] for i in g) for g in groups] or [1]  # filler: 1 slot
-                    slots += len(widths) * max(widths)
-                    real += sum(widths) if groups else 0
-                else:
-                    (rows,) = groups
-                    slots += len(rows) * max(self.lengths[i] for i in rows)
-                    real += sum(self.lengths[i] for i in rows)
-        return real, slots
 
 
 def parse_data_spec(spec: str) -> list[tuple[str, float | None]]:

@@ -23,7 +23,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+
 from harness import __version__, data
+from harness.config import TASK_FIELDS
 from harness.errors import HarnessError
 
 DEFAULT_CACHE = "~/.cache/llm-ft-harness"  # shared with harness.default_assets
@@ -79,8 +82,6 @@ class KeyInputs:
 
 
 def key_inputs(data_path: str, model_path: str, cfg, template: str, seq_len: int) -> KeyInputs:
-    from harness.config import TASK_FIELDS
-
     task = json.dumps({"task": cfg.task, **{name: getattr(cfg, name) for name in TASK_FIELDS}}, sort_keys=True)
     return KeyInputs(file_digest(Path(data_path)), tokenizer_digest(model_path), template, task,
                      data.MASKING_POLICY, seq_len, __version__)
@@ -92,8 +93,6 @@ def is_prepared(path: str) -> bool:
 
 def load_prepared(folder: Path, want: KeyInputs | None, what: str):
     """A prepared folder's tokenized dataset; refused if it was made with other settings."""
-    import datasets
-
     meta = json.loads((folder / PREPARED_FILE).read_text())
     if want is not None:
         made = meta["key_inputs"]

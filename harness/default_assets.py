@@ -34,10 +34,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import sentencepiece as spm
+import sentencepiece as spm
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from harness.tasks.instruction import PROMPT_NO_INPUT, PROMPT_WITH_INPUT  # one source for the template
 
@@ -251,8 +253,6 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 
 def _train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
-    import sentencepiece as spm  # heavy optional deps load only when actually building
-
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
@@ -283,7 +283,7 @@ def _train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def _bpe_merges(sp: "spm.SentencePieceProcessor") -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _bpe_merges(sp: spm.SentencePieceProcessor) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocab and ranked merges that make a ``tokenizers`` BPE reproduce sentencepiece's ids.
 
     Sentencepiece BPE repeatedly merges the adjacent pair whose result has the highest score;
@@ -317,11 +317,6 @@ def train_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZ
     model as ``spm.model``.  Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, ``<pad>`` 3.  Encoding adds
     no special tokens: callers add BOS/EOS themselves.
     """
-    import sentencepiece as spm
-    from tokenizers import Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spm_bytes = _train_sentencepiece(texts, vocab_size)
@@ -361,9 +356,6 @@ def tokenizer_training_texts(rows: list[Row]) -> list[str]:
 
 def build_tiny_model(out_dir: Path, tokenizer_dir: Path, seed: int = MODEL_SEED) -> None:
     """Write a randomly initialised tiny Llama plus its tokenizer into ``out_dir``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     out_dir, tokenizer_dir = Path(out_dir), Path(tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(

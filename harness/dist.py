@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+from harness.errors import HarnessError
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,22 @@ def agree(error: str | None) -> str | None:
     return next((e for e in gathered if e), None)
 
 
+def checked_on_every_rank(check, *args):
+    """`check(*args)` on every rank; if it raises HarnessError on any rank, every rank raises the
+    first such error, so no healthy rank is left waiting in the next collective."""
+    result, error = None, None
+    try:
+        result = check(*args)
+    except HarnessError as err:
+        error = str(err)
+    error = agree(error)
+    if error:
+        raise HarnessError(error)
+    return result
+
+
 def shared_nonce() -> str:
     """A random string that every rank of this job receives from rank 0 (one small collective)."""
-    import uuid
-
     nonce = [uuid.uuid4().hex]
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.broadcast_object_list(nonce, src=0)
@@ -109,7 +124,6 @@ def barrier() -> None:
 def destroy() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
-
 
 
 # Heartbeats: every rank records the step it is on in the job's rendezvous store, so that a

@@ -27,7 +27,7 @@ AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchSizes:
     """The one batch computation: every other batch number is derived from this."""
 
     micro_batch_size: int
@@ -76,7 +76,7 @@ def offloads_optimizer(raw: dict) -> bool:
     return raw.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
-def fill(raw: dict, cfg: TrainConfig, plan: BatchPlan, dtype: str, on_cpu: bool, source: str = "ds_config") -> dict:
+def fill(raw: dict, cfg: TrainConfig, batch: BatchSizes, dtype: str, on_cpu: bool, source: str = "ds_config") -> dict:
     """Return a copy of `raw` with every "auto" filled from the flags, or raise on contradictions."""
     ds = {k: copy.deepcopy(v) for k, v in raw.items() if not k.startswith("_")}
     errors: list[str] = []
@@ -89,11 +89,11 @@ def fill(raw: dict, cfg: TrainConfig, plan: BatchPlan, dtype: str, on_cpu: bool,
             errors.append(f"{source} sets {where}={json.dumps(have)} but {flag} gives {json.dumps(value)}; "
                           f"set it to \"auto\" or make them agree")
 
-    batch_flags = (f"--micro_batch_size {plan.micro_batch_size} x --grad_accum_steps {plan.grad_accum_steps}"
-                   f" x world size {plan.world_size}")
-    put(ds, "train_micro_batch_size_per_gpu", plan.micro_batch_size, f"--micro_batch_size", "train_micro_batch_size_per_gpu")
-    put(ds, "gradient_accumulation_steps", plan.grad_accum_steps, "--grad_accum_steps", "gradient_accumulation_steps")
-    put(ds, "train_batch_size", plan.global_batch_size, batch_flags, "train_batch_size")
+    batch_flags = (f"--micro_batch_size {batch.micro_batch_size} x --grad_accum_steps {batch.grad_accum_steps}"
+                   f" x world size {batch.world_size}")
+    put(ds, "train_micro_batch_size_per_gpu", batch.micro_batch_size, f"--micro_batch_size", "train_micro_batch_size_per_gpu")
+    put(ds, "gradient_accumulation_steps", batch.grad_accum_steps, "--grad_accum_steps", "gradient_accumulation_steps")
+    put(ds, "train_batch_size", batch.global_batch_size, batch_flags, "train_batch_size")
     put(ds, "gradient_clipping", cfg.max_grad_norm, "--max_grad_norm", "gradient_clipping")
 
     for name in ("bf16", "fp16"):

@@ -1,14 +1,21 @@
 """Every DeepSpeed call the harness makes lives in this module.
 
-The training loop sees a `Engine` with four verbs: micro_step (forward + backward),
-finish_step (optimizer step at the accumulation boundary), eval_loss and full_state_dict.
-Evaluation adds logits (label scoring) and generate; `Engine(model, ds_config)` without an
-LR schedule is an inference engine (no optimizer), used by launch/evaluate.py.
+The training loop sees an `Engine` with a few verbs: `forward_backward` (one micro-batch),
+`optimizer_step` (the update at the accumulation boundary, or DeepSpeed's skip of it),
+`save_state` / `load_state` (checkpoints), `full_state_dict` (final/ and best/) and `lr`.
+Evaluation adds `eval_loss_sum`, `sequence_log_likelihood` (label scoring) and `generate`;
+`Engine(model, ds_config)` without an LR schedule is an inference engine (no optimizer), used
+by launch/evaluate.py. Module-level functions cover the rest: process-group start
+(`init_distributed`), ZeRO-3 load-time sharding (`Zero3LoadContext`), checkpoint conversion
+(`consolidate_checkpoint`, `lazy_checkpoint_tensors`) and the memory planner's estimators
+(`zero_model_states_bytes`).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +25,15 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     # DeepSpeed would pick the CPU accelerator anyway, but warns about it on every rank.
     os.environ["DS_ACCELERATOR"] = "cpu"
 
-import deepspeed  # noqa: E402  (must follow the accelerator choice above)
+# The imports below must follow the accelerator choice above.
+import datasets  # noqa: E402
+import deepspeed  # noqa: E402
+import transformers  # noqa: E402
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import (convert_zero_checkpoint_to_state_dict,  # noqa: E402
+                                          get_fp32_state_dict_from_zero_checkpoint)
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from harness import dist  # noqa: E402
 from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
@@ -40,8 +55,6 @@ class Zero3LoadContext:
     until the engine exists."""
 
     def __init__(self, ds_config: dict):
-        from transformers.integrations import HfDeepSpeedConfig
-
         self._hf_config = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
 
     def release(self) -> None:
@@ -93,9 +106,8 @@ class Engine:
         logits = self.ds(**model_inputs(batch)).logits
         return token_loss_sum(logits, batch["labels"])
 
-    def micro_step(self, batch: dict[str, torch.Tensor], step_tokens: float, step: int = -1,
-                   timer=NULL_TIMER) -> float:
-        """Forward and backward one micro-batch; return its (unnormalised) loss sum.
+    def forward_backward(self, batch: dict[str, torch.Tensor], step_tokens: float, timer=NULL_TIMER) -> torch.Tensor:
+        """Forward and backward one micro-batch; return its (unnormalised) loss sum, detached.
 
         DeepSpeed averages gradients over ranks; we do not let it divide by the accumulation
         steps (scale_wrt_gas=False) and instead scale each micro-batch's loss sum by
@@ -103,31 +115,33 @@ class Engine:
         optimizer step on all ranks. The accumulated gradient is then exactly the gradient of
         the token-weighted step loss.
 
-        `timer` (harness.throughput.StepTimer) brackets forward, backward and optimizer step;
-        the optimizer phase includes ZeRO's gradient reduction and any offloaded update.
+        `timer` (harness.throughput.StepTimer) brackets forward and backward.
         """
         t = timer.start("forward")
         loss_sum = self.forward_loss_sum(batch)
         timer.stop(t)
-        if str(step) in os.environ.get("HARNESS_NAN_AT_STEPS", "").split(","):
-            loss_sum = loss_sum * float("nan")  # test hook: poison these (0-based) steps' loss
         t = timer.start("backward")
         self.ds.backward(loss_sum * (self.world_size / step_tokens), scale_wrt_gas=False)
         timer.stop(t)
-        t = timer.start("optimizer")
-        self.ds.step()  # a no-op except at the accumulation boundary, where it updates
-        timer.stop(t)
-        return float(loss_sum.detach())
+        if not self.ds.is_gradient_accumulation_boundary():
+            # DeepSpeed counts micro-steps in step(): before the boundary it only advances that count.
+            self.ds.step()
+        return loss_sum.detach()
 
-    def skipped_steps(self) -> int:
-        """Optimizer steps DeepSpeed refused because the gradient norm was not finite.
+    def optimizer_step(self, timer=NULL_TIMER) -> bool:
+        """The update at the accumulation boundary (after the last forward_backward of a step).
 
-        DeepSpeed's ZeRO optimizers check the global gradient norm (reduced over ranks) before
-        updating and, when it is NaN/Inf, zero the gradients and leave weights, optimizer state
-        and LR schedule untouched, on every rank alike. We read that decision rather than
-        re-deriving the norm from ZeRO's partitioned gradient buffers.
+        Returns False when DeepSpeed skipped it because the gradient norm was not finite: its
+        ZeRO optimizers check the global norm (reduced over ranks) and then zero the gradients and
+        leave weights, optimizer state and LR schedule untouched, on every rank alike. We read that
+        decision rather than re-deriving the norm from ZeRO's partitioned gradient buffers. The
+        timed phase includes ZeRO's gradient reduction and any offloaded update.
         """
-        return int(self.ds.skipped_steps)
+        skipped_before = self.ds.skipped_steps
+        t = timer.start("optimizer")
+        self.ds.step()
+        timer.stop(t)
+        return self.ds.skipped_steps == skipped_before
 
     def save_state(self, folder: Path) -> None:
         """Every rank writes its shard of weights, optimizer and LR-schedule state."""
@@ -142,9 +156,6 @@ class Engine:
     @staticmethod
     def convert_to_universal(ds_folder: Path, out: Path) -> None:
         """DeepSpeed's universal checkpoint: state re-sliced per parameter, loadable on any world size."""
-        import subprocess
-        import sys
-
         # ds_to_universal is a script with its own worker pools; run it as DeepSpeed documents it.
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
                         "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
@@ -206,23 +217,30 @@ def consolidate_checkpoint(ds_folder: Path, out: Path, dtype: torch.dtype, max_s
     DeepSpeed's converter reads the per-rank shards memory-mapped and materialises one output
     shard at a time, so memory stays near one shard beyond what the OS pages in.
     """
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
-
     convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
                                           safe_serialization=True, tag=ds_folder.name)
 
 
 def lazy_checkpoint_tensors(ds_folder: Path) -> dict:
     """Name -> lazily materialised fp32 tensor (call .contiguous()) of a DeepSpeed checkpoint."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
+
+
+def zero_model_states_bytes(stage: int, offload: bool, total_params: int, largest_layer_params: int,
+                            gpus_per_node: int, nodes: int, additional_buffer_factor: float) -> tuple[int, int]:
+    """(host bytes, GPU bytes) of ZeRO-2 or ZeRO-3 model states per DeepSpeed's own estimators
+    (the functions behind its *_all_cold printers); offload moves optimizer state (and, under
+    ZeRO-3, parameters) to the host."""
+    if stage == 2:
+        return estimate_zero2_model_states_mem_needs(total_params, gpus_per_node, nodes, cpu_offload=offload,
+                                                     additional_buffer_factor=additional_buffer_factor)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, gpus_per_node, nodes,
+                                                        cpu_offload=offload, cpu_offload_params=offload, zero_init=True,
+                                                        additional_buffer_factor=additional_buffer_factor)
+    return cpu, gpu
 
 
 def quiet_libraries() -> None:
     """Per-file progress bars from datasets/transformers drown the harness's own progress bar."""
-    import datasets
-    import transformers
-
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

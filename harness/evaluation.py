@@ -22,17 +22,17 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from harness import data, dist
+from harness import data, dist, ds_config, engine as engine_mod, model as model_mod, tasks
 from harness.errors import HarnessError
+from harness.labels import IGNORE_INDEX
 from harness.loss import supervised_tokens
-from harness.tasks.common import Example
+from harness.tasks.common import Example, load_template
 
 LOWER_IS_BETTER = {"loss", "ppl"}
 
@@ -70,6 +70,17 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def examples_of(rows: list[data.TokenizedRow], paths: list[str], task: ModuleType, cfg, template: str) -> list[Example]:
+    """The task examples (prompts and references, for metrics) behind some tokenized rows, e.g.
+    the rows --eval_split held out of --data."""
+    wanted = {(r.source, r.row) for r in rows}
+    found = []
+    for source, path in enumerate(paths):
+        if any(s == source for s, _ in wanted):
+            found += [e for e in task.examples(data.read_rows(path), cfg, template) if (source, e.row) in wanted]
+    return found
 
 
 def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: int) -> EvalSet:
@@ -137,6 +148,15 @@ class BestTracker:
     def should_stop(self) -> bool:
         return self.patience > 0 and self.evals_without_gain >= self.patience
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so best/ and early stopping carry on where they were."""
+        return {"metric": self.metric, "value": self.best, "step": self.best_step,
+                "evals_without_gain": self.evals_without_gain}
+
+    def restore(self, state: dict) -> None:
+        if state["metric"] == self.metric:  # a resume under another --metric_for_best starts afresh
+            self.best, self.best_step, self.evals_without_gain = state["value"], state["step"], state["evals_without_gain"]
+
 
 # --- running an evaluation -----------------------------------------------------------------------
 
@@ -178,7 +198,7 @@ def label_scores(log_likelihood, prompts: list[list[int]], label_ids: list[list[
     `log_likelihood(batch)` returns the per-sequence sum of log-probabilities of the supervised
     tokens (Engine.sequence_log_likelihood); rows x labels sequences go through it at once.
     """
-    seqs = [data.TokenizedRow(-1, prompt + label, [data.IGNORE_INDEX] * len(prompt) + label)
+    seqs = [data.TokenizedRow(-1, prompt + label, [IGNORE_INDEX] * len(prompt) + label)
             for prompt in prompts for label in label_ids]
     return log_likelihood(data.collate(seqs, pad_id)).view(len(prompts), len(label_ids))
 
@@ -242,16 +262,6 @@ def write_step(result: EvalResult, out: Path, step: int) -> None:
                  {"step": step})
 
 
-def replace_folder(staging: Path, final: Path) -> None:
-    """Put a fully written `staging` folder in place of `final` (which may exist, e.g. best/)."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)  # a crash before this leaves <name>.tmp, never a half-written <name>/
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def summary_line(step: int, metrics: dict) -> str:
     shown = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.count("/") == 1}
     return f"step {step}: eval " + " ".join(f"{k} {v:.4f}" for k, v in shown.items())
@@ -260,8 +270,10 @@ def summary_line(step: int, metrics: dict) -> str:
 # --- standalone: launch/evaluate.py --------------------------------------------------------------
 
 
-@dataclass
-class StandalonePlan:
+@dataclass(frozen=True)
+class EvalSetup:
+    """What launch/evaluate.py's preflight checked and resolved."""
+
     cfg: object
     model_path: str  # the folder holding weights (an adapter's base when the model is an adapter)
     adapter: str | None
@@ -273,34 +285,21 @@ class StandalonePlan:
 
 def run(cfg) -> EvalResult:
     """Evaluate cfg.model on cfg.data; rank 0 writes metrics.json and predictions.jsonl."""
-    from harness import engine as engine_mod
-
     info = engine_mod.init_distributed()
-    plan, error = None, None
-    try:
-        plan = preflight(cfg, info)
-    except HarnessError as err:
-        error = str(err)
-    error = dist.agree(error)
-    if error:
-        raise HarnessError(error)
-
-    engine = build_engine(plan)
-    result = evaluate(engine, plan.eval_set, info)
+    setup = dist.checked_on_every_rank(preflight, cfg, info)
+    engine = build_engine(setup)
+    result = evaluate(engine, setup.eval_set, info)
     out = Path(cfg.output_dir)
     if info.is_rank0:
         write_result(result, out / "metrics.json", out / "predictions.jsonl",
                      {"model": cfg.model, "data": cfg.data, "task": cfg.task, "world_size": info.world_size,
-                      "zero_stage": engine.zero_stage, "rows": len(plan.eval_set.examples)})
+                      "zero_stage": engine.zero_stage, "rows": len(setup.eval_set.examples)})
     dist.print0(summary_line(0, result.metrics).replace("step 0: ", "") + f"; written to {out}")
     dist.barrier()
     return result
 
 
-def preflight(cfg, info: dist.DistInfo) -> StandalonePlan:
-    from harness import ds_config, model as model_mod, tasks
-    from harness.tasks.common import load_template
-
+def preflight(cfg, info: dist.DistInfo) -> EvalSetup:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise HarnessError(f"--output_dir {out} exists and is not a folder")
@@ -316,19 +315,18 @@ def preflight(cfg, info: dist.DistInfo) -> StandalonePlan:
     examples = task.examples(data.read_rows(cfg.data), cfg, load_template(cfg.template))
     eval_set = prepare(task, examples, cfg, tokenizer, seq_len)
     filled = ds_config.fill_for_inference(raw_ds, cfg.eval_batch_size, info.world_size, dtype)
-    return StandalonePlan(cfg, model_path, adapter, dtype, attn, filled, eval_set)
+    return EvalSetup(cfg=cfg, model_path=model_path, adapter=adapter, dtype=dtype, attn=attn, ds_config=filled,
+                     eval_set=eval_set)
 
 
-def build_engine(plan: StandalonePlan):
-    from harness import engine as engine_mod, model as model_mod
-
-    cfg = plan.cfg
-    if plan.adapter:
+def build_engine(setup: EvalSetup) -> engine_mod.Engine:
+    cfg = setup.cfg
+    if setup.adapter:
         # peft cannot load an adapter into ZeRO-3 shards: merge on the CPU first, and the engine
         # then partitions the merged weights (for the largest models, evaluate final/merged/).
-        model = model_mod.merge_adapter(plan.model_path, plan.adapter, plan.dtype, cfg.trust_remote_code)
+        model = model_mod.merge_adapter(setup.model_path, setup.adapter, setup.dtype, cfg.trust_remote_code)
     else:
-        load_ctx = engine_mod.Zero3LoadContext(plan.ds_config)
-        model = model_mod.load_model(plan.model_path, plan.dtype, plan.attn, False, cfg.trust_remote_code)
+        load_ctx = engine_mod.Zero3LoadContext(setup.ds_config)
+        model = model_mod.load_model(setup.model_path, setup.dtype, setup.attn, False, cfg.trust_remote_code)
         load_ctx.release()
-    return engine_mod.Engine(model, plan.ds_config)
+    return engine_mod.Engine(model, setup.ds_config)

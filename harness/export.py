@@ -20,35 +20,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from harness import checkpoint, dist, model as model_mod
+from harness import checkpoint, dist, engine as engine_mod, model as model_mod
+from harness.config import ExportConfig
 from harness.errors import HarnessError
-from harness.evaluation import replace_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    checkpoint: str = field(default="", metadata={"doc": "A checkpoint folder (output_dir/checkpoints/step-N) or a run directory (its newest checkpoint)."})
-    out: str = field(default="", metadata={"doc": "Folder to write the Hugging Face model into; must not exist or be empty."})
-    dtype: str = field(default="auto", metadata={"doc": "Weight dtype: auto (the training precision), fp32, bf16 or fp16."})
-    max_shard_size: str = field(default="5GB", metadata={"doc": "Largest safetensors shard, e.g. 5GB or 500MB."})
-
-    def __post_init__(self):
-        if not self.checkpoint or not self.out:
-            raise HarnessError("usage: launch/export.py CHECKPOINT OUT [--dtype ...] [--max_shard_size ...]")
-        if self.dtype not in ("auto", *DTYPES):
-            raise HarnessError(f"--dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
-
-
 def export(cfg: ExportConfig) -> Path:
-    from harness import engine
-
     ckpt = checkpoint.resolve_resume(cfg.checkpoint, Path(cfg.checkpoint))
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -59,7 +43,7 @@ def export(cfg: ExportConfig) -> Path:
 
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    engine.consolidate_checkpoint(ckpt / "ds", staging, dtype, cfg.max_shard_size)
+    engine_mod.consolidate_checkpoint(ckpt / "ds", staging, dtype, cfg.max_shard_size)
     for item in (ckpt / "hf").iterdir():
         shutil.copy2(item, staging / item.name)
     set_config_dtype(staging / "config.json", dtype_name)
@@ -81,12 +65,8 @@ def set_config_dtype(path: Path, dtype_name: str) -> None:
 
 def compare_with_checkpoint(folder: Path, ckpt: Path, dtype: torch.dtype) -> list[str]:
     """Reload the export through transformers and compare every tensor with the checkpoint's."""
-    from transformers import AutoModelForCausalLM
-
-    from harness import engine
-
     loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).state_dict()
-    expected = engine.lazy_checkpoint_tensors(ckpt / "ds")
+    expected = engine_mod.lazy_checkpoint_tensors(ckpt / "ds")
     bad = [name for name in expected if name not in loaded]
     for name, lazy in expected.items():
         if name in loaded and not torch.equal(loaded[name], lazy.contiguous().to(dtype)):
@@ -94,18 +74,29 @@ def compare_with_checkpoint(folder: Path, ckpt: Path, dtype: torch.dtype) -> lis
     return bad
 
 
-def save_model(engine, plan, out: Path, name: str, info: dist.DistInfo) -> Path:
+def save_model(engine: engine_mod.Engine, setup, out: Path, name: str, info: dist.DistInfo) -> Path:
+    """`out/<name>/` (final/ or best/) from the live engine; `setup` is the run's preflight.TrainSetup."""
     state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
     final, staging = out / name, out / f"{name}.tmp"
     if info.is_rank0:
         shutil.rmtree(staging, ignore_errors=True)
         # For a peft model save_pretrained keeps only the adapter entries of the full state dict.
         engine.module.save_pretrained(staging, state_dict=state_dict)
-        plan.tokenizer.save_pretrained(staging)
-        if plan.cfg.lora and plan.cfg.merge_lora:
-            merged = model_mod.merge_adapter(plan.model_path, staging, plan.dtype, plan.cfg.trust_remote_code)
+        setup.tokenizer.save_pretrained(staging)
+        if setup.cfg.lora and setup.cfg.merge_lora:
+            merged = model_mod.merge_adapter(setup.model_path, staging, setup.dtype, setup.cfg.trust_remote_code)
             merged.save_pretrained(staging / "merged")
-            plan.tokenizer.save_pretrained(staging / "merged")
+            setup.tokenizer.save_pretrained(staging / "merged")
         replace_folder(staging, final)
     dist.barrier()
     return final
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put a fully written `staging` folder in place of `final` (which may exist, e.g. best/)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)  # a crash before this leaves <name>.tmp, never a half-written <name>/
+    shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from harness.data import IGNORE_INDEX
+from harness.labels import IGNORE_INDEX
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,15 @@
     python launch/plan.py --model_config '{"hidden_size": 4096, "num_hidden_layers": 32, ...}'
     python launch/train.py --ds_config auto ...        # trains with the recommendation
 
+Its flags (`harness.config.PlanConfig`) are training's where they mean the same: --micro_batch_size,
+--seq_len (0: min(2048, the model's maximum), as in training), --grad_ckpt, --trust_remote_code.
+
 The model is built on the meta device (shapes only, no weights), so planning a 70B model
 costs nothing. Per choice we report:
 
   model states  DeepSpeed's own estimators (estimate_zero2_model_states_mem_needs and
                 estimate_zero3_model_states_mem_needs, the functions behind the *_all_cold
-                printers), called with additional_buffer_factor=1.0: the bytes the states
+                printers, called in harness.engine), with additional_buffer_factor=1.0: the bytes the states
                 occupy (16-bit weights 2 N, fp32 weights + Adam moments 12 N, gradients 2-4 N).
                 DeepSpeed's default factor 1.5 on host memory is shown as a cautious column.
   activations   per GPU, micro_batch_size x seq_len tokens through L layers of width h:
@@ -38,7 +41,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import _coerce_types, flag
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from harness import engine, model as model_mod
+from harness.config import PlanConfig
 from harness.errors import HarnessError
 
 GiB = 2**30
@@ -74,14 +81,12 @@ class Estimate:
         return self.fits_gpu and self.fits_host
 
 
-def load_config(model: str = "", model_config=None):
+def load_config(model: str = "", model_config=None, trust_remote_code: bool = False):
     """An HF config from a model folder, a config.json path, or a dict of fields (llama if no model_type)."""
-    from transformers import AutoConfig
-
     if model:
         if not Path(model).exists():
             raise HarnessError(f"--model {model}: no such folder")
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     if isinstance(model_config, str) and Path(model_config).is_file():
         model_config = json.loads(Path(model_config).read_text())
     elif isinstance(model_config, str):
@@ -98,13 +103,10 @@ def load_config(model: str = "", model_config=None):
     return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
 
 
-def model_shape(config) -> ModelShape:
+def model_shape(config, trust_remote_code: bool = False) -> ModelShape:
     """Parameter counts of the model built on the meta device: shapes only, no memory."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -120,9 +122,6 @@ def activation_bytes(shape: ModelShape, micro_batch_size: int, seq_len: int, gra
 
 def estimate(shape: ModelShape, world_size: int, gpus_per_node: int, gpu_bytes: int, host_bytes: int,
              micro_batch_size: int, seq_len: int, grad_ckpt: bool) -> list[Estimate]:
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
     nodes = max(1, world_size // gpus_per_node)
     acts = activation_bytes(shape, micro_batch_size, seq_len, grad_ckpt)
     out = []
@@ -130,14 +129,8 @@ def estimate(shape: ModelShape, world_size: int, gpus_per_node: int, gpu_bytes: 
         offload = choice.endswith("offload")
         sizes = []
         for factor in (1.0, 1.5):
-            if choice.startswith("zero2"):
-                cpu, gpu = estimate_zero2_model_states_mem_needs(shape.total_params, gpus_per_node, nodes,
-                                                                 cpu_offload=offload, additional_buffer_factor=factor)
-            else:
-                cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-                    shape.total_params, shape.largest_layer_params, gpus_per_node, nodes, cpu_offload=offload,
-                    cpu_offload_params=offload, zero_init=True, additional_buffer_factor=factor)
-            sizes.append((cpu, gpu))
+            sizes.append(engine.zero_model_states_bytes(2 if choice.startswith("zero2") else 3, offload, shape.total_params,
+                                                        shape.largest_layer_params, gpus_per_node, nodes, factor))
         (cpu, gpu), (cautious, _) = sizes
         out.append(Estimate(choice, gpu, acts, cpu, cautious, gpu + acts <= HEADROOM * gpu_bytes,
                             cpu <= HEADROOM * host_bytes))
@@ -177,8 +170,6 @@ def host_memory_bytes() -> int:
 
 def device_memory_bytes(device) -> int:
     """A GPU's total memory; on the CPU the 'device' is host memory shared by this host's ranks."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -186,9 +177,9 @@ def device_memory_bytes(device) -> int:
 
 
 def auto_ds_config(model_path: str, world_size: int, device, micro_batch_size: int, seq_len: int,
-                   grad_ckpt: bool) -> tuple[str, str]:
+                   grad_ckpt: bool, trust_remote_code: bool) -> tuple[str, str]:
     """The shipped ds_config `--ds_config auto` resolves to on this machine, and the table that says why."""
-    shape = model_shape(load_config(model_path))
+    shape = model_shape(load_config(model_path, trust_remote_code=trust_remote_code), trust_remote_code)
     gpus_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     gpu, host = device_memory_bytes(device), host_memory_bytes()
     estimates = estimate(shape, world_size, gpus_per_node, gpu, host, micro_batch_size, seq_len, grad_ckpt)
@@ -199,34 +190,11 @@ def auto_ds_config(model_path: str, world_size: int, device, micro_batch_size: i
     return best.choice, text
 
 
-@dataclass(frozen=True)
-class PlanConfig:
-    """Flags of launch/plan.py."""
-
-    model: str = flag("", "Local HF model folder; only its config.json is read.")
-    model_config: str = flag("", "Instead of --model: a config.json path or a JSON object of config fields (model_type defaults to llama).")
-    world_size: int = flag(1, "GPUs in the job.")
-    gpus_per_node: int = flag(0, "GPUs per host; 0: min(world_size, 8).")
-    gpu_gib: float = flag(80.0, "Memory per GPU in GiB.")
-    host_gib: float = flag(128.0, "Memory per host in GiB.")
-    micro_batch_size: int = flag(4, "Rows per forward on each GPU (for the activation estimate).")
-    seq_len: int = flag(2048, "Tokens per row (for the activation estimate).")
-    grad_ckpt: bool = flag(False, "Plan for activation checkpointing.")
-
-    def __post_init__(self):
-        _coerce_types(self)
-        if bool(self.model) == bool(self.model_config):
-            raise HarnessError("give exactly one of --model and --model_config")
-        for name in ("world_size", "micro_batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise HarnessError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpu_gib <= 0 or self.host_gib <= 0:
-            raise HarnessError("--gpu_gib and --host_gib must be > 0")
-
-
 def plan(cfg: PlanConfig) -> tuple[Estimate | None, str]:
-    shape = model_shape(load_config(cfg.model, cfg.model_config))
+    config = load_config(cfg.model, cfg.model_config, cfg.trust_remote_code)
+    shape = model_shape(config, cfg.trust_remote_code)
+    seq_len = model_mod.resolve_seq_len(cfg.seq_len, config)
     per_node = cfg.gpus_per_node or min(cfg.world_size, 8)
     gpu, host = int(cfg.gpu_gib * GiB), int(cfg.host_gib * GiB)
-    estimates = estimate(shape, cfg.world_size, per_node, gpu, host, cfg.micro_batch_size, cfg.seq_len, cfg.grad_ckpt)
+    estimates = estimate(shape, cfg.world_size, per_node, gpu, host, cfg.micro_batch_size, seq_len, cfg.grad_ckpt)
     return recommend(estimates), table(shape, estimates, cfg.world_size, per_node, gpu, host)

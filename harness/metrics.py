@@ -1,7 +1,8 @@
 """Run-directory logging: metrics.jsonl, TensorBoard and the progress bar, on rank 0 only.
 
 Non-zero ranks get the same object with every method a no-op, so the training loop never
-checks ranks itself.
+checks ranks itself. A context manager: leaving it, however the run ends, flushes and closes
+every file.
 """
 
 from __future__ import annotations
@@ -10,15 +11,15 @@ import json
 import math
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
-
         self._jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
         # purge_step hides events a resumed run is about to log again.
         self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
@@ -46,6 +47,12 @@ class MetricsLogger:
     def write(self, message: str) -> None:
         if self.enabled:
             self._bar.write(message)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         if self.enabled:

@@ -7,10 +7,14 @@ safetensors, and the folder's own Python code runs only with --trust_remote_code
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from harness.errors import HarnessError
 
@@ -20,9 +24,6 @@ DEFAULT_MAX_SEQ_LEN = 2048
 
 def check_model_dir(path: str, trust_remote_code: bool):
     """Read and vet the model's config (cheap) before any weights are touched."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     folder = Path(path)
     if not folder.is_dir():
         raise HarnessError(f"--model {path}: no such folder (a local Hugging Face model folder is expected; "
@@ -93,8 +94,6 @@ def resolve_attention(requested: str, device: torch.device, dtype: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -103,8 +102,6 @@ def load_tokenizer(path: str, trust_remote_code: bool):
 
 def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_code: bool):
     """Load for training. Call inside `engine.Zero3LoadContext` so ZeRO-3 shards at load time."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=DTYPES[dtype],
@@ -128,8 +125,6 @@ def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_c
 
 def count_parameters(path: str) -> int:
     """Parameters in a model folder, read from the safetensors headers only (no weights loaded)."""
-    from safetensors import safe_open
-
     total = 0
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -144,25 +139,33 @@ def lora_targets(value: str) -> str | list[str]:
     return "all-linear" if value.strip() == "all-linear" else [t.strip() for t in value.split(",") if t.strip()]
 
 
-def check_lora_targets(config, value: str, trust_remote_code: bool) -> None:
-    """Every --lora_targets name must match a Linear module, checked on a weightless (meta) model."""
-    from transformers import AutoModelForCausalLM
+def lora_parameters(config, value: str, r: int, trust_remote_code: bool) -> int:
+    """The adapter parameters --lora will train, counted on a weightless (meta) model; every
+    --lora_targets name must match a Linear module.
 
+    An adapter on a Linear(in, out) is A (r x in) plus B (out x r); all-linear, like peft, skips
+    the output head.
+    """
     targets = lora_targets(value)
-    if targets == "all-linear":
-        return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    linear = {name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in targets if t not in linear]
-    if missing or not targets:
-        raise HarnessError(f"--lora_targets {value!r}: no Linear module named {missing or value!r} in the model "
-                           f"(Linear modules: {', '.join(sorted(linear))})")
+    linears = {name: m for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+    if targets == "all-linear":
+        head = skeleton.get_output_embeddings()
+        chosen = [m for m in linears.values() if m is not head]
+    else:
+        names = {name.rsplit(".", 1)[-1] for name in linears}
+        missing = [t for t in targets if t not in names]
+        if missing or not targets:
+            raise HarnessError(f"--lora_targets {value!r}: no Linear module named {missing or value!r} in the model "
+                               f"(Linear modules: {', '.join(sorted(names))})")
+        chosen = [m for name, m in linears.items() if name.rsplit(".", 1)[-1] in targets]
+    return sum(r * (m.in_features + m.out_features) for m in chosen)
 
 
 def apply_lora(model, cfg):
     """Wrap the model in peft LoRA adapters; only the adapter weights stay trainable."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # seconds to import; only --lora needs it
 
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=lora_targets(cfg.lora_targets), task_type="CAUSAL_LM")
@@ -171,8 +174,6 @@ def apply_lora(model, cfg):
 
 def adapter_base(path: str) -> str | None:
     """The base model folder of a peft adapter folder, or None if `path` is not one."""
-    import json
-
     adapter_config = Path(path) / "adapter_config.json"
     if not adapter_config.is_file():
         return None
@@ -184,9 +185,7 @@ def adapter_base(path: str) -> str | None:
 
 def merge_adapter(base_path: str, adapter_dir, dtype: str, trust_remote_code: bool):
     """The base model with the adapter folded into its weights, as a plain transformers model (CPU)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    from peft import PeftModel  # seconds to import; only adapter folders need it
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                                                 local_files_only=True, use_safetensors=True)
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.data import IGNORE_INDEX
+from harness.labels import IGNORE_INDEX
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -5,50 +5,28 @@ with; a training run refuses it if its tokenizer, template, task, masking policy
 harness version differ. Bins are not stored: they depend on the run's global batch and seed
 and cost milliseconds per step, so `launch/train.py` computes them; this step reports the fill
 rate they will have for the given batch.
+
+Its flags (`harness.config.PrepareConfig`) are training's: the run that reads the folder must be
+given the same --model, --task, field flags, --template and --seq_len, and every task's field
+flags are accepted here as they are there.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
-from harness import data, data_cache, model as model_mod, packing, tasks
-from harness.config import TrainConfig, _coerce_types, flag
+from harness import data, data_cache, default_assets, model as model_mod, packing, tasks
+from harness.config import TASK_FIELDS, PrepareConfig, TrainConfig
 from harness.errors import HarnessError
 from harness.tasks.common import load_template
 
-SHARED = ("task", "template", "instruction_field", "input_field", "output_field", "trust_remote_code",
-          "seq_len", "num_proc", "micro_batch_size", "grad_accum_steps", "seed")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    data: str = flag("", "Data file to tokenize (.json/.jsonl/.csv/.parquet or a save_to_disk folder).")
-    output: str = flag("", "Folder to write; pass it to launch/train.py --data.")
-    world_size: int = flag(1, "Ranks of the training run, for the fill-rate estimate of its bins.")
-    overwrite: bool = flag(False, "Replace an existing output folder written by this step.")
-    model: str = flag("", "Local model folder whose tokenizer to use. Empty: the embedded tiny default model.")
-    task: str = flag("instruction", "Task that turns a row into (prompt, target): instruction.")
-    template: str = flag("", "Prompt template or a file holding one. Empty: the task's default template.")
-    instruction_field: str = flag("instruction", "Row field holding the instruction.")
-    input_field: str = flag("input", "Row field holding the optional input.")
-    output_field: str = flag("output", "Row field holding the target response.")
-    trust_remote_code: bool = flag(False, "Allow the model folder to run its own Python code.")
-    seq_len: int = flag(0, "Maximum tokens per row, as in training. 0: min(2048, the model's maximum).")
-    num_proc: int = flag(0, "Processes that tokenize (datasets.map num_proc); 0: 1 for small data, else one per core up to 8.")
-    micro_batch_size: int = flag(4, "Samples per micro-batch of the training run (fill-rate estimate).")
-    grad_accum_steps: int = flag(1, "Micro-batches per step of the training run (fill-rate estimate).")
-    seed: int = flag(42, "Seed of the training run (fill-rate estimate).")
-
-    def __post_init__(self):
-        _coerce_types(self)  # fire parses values as Python literals
+# The flags that decide the tokens, passed to training's own tokenization (harness.data_cache).
+TOKENIZATION_FLAGS = ("task", "template", *TASK_FIELDS, "trust_remote_code", "seq_len", "num_proc")
 
 
 def prepare(pc: PrepareConfig) -> dict:
-    if not pc.data or not pc.output:
-        raise HarnessError("--data and --output are both required")
     out = Path(pc.output)
     if out.exists():
         if not pc.overwrite:
@@ -56,12 +34,8 @@ def prepare(pc: PrepareConfig) -> dict:
         if not data_cache.is_prepared(str(out)):
             raise HarnessError(f"--output {out} was not written by prepare_data; refusing to delete it")
         shutil.rmtree(out)
-    model_path = pc.model
-    if not model_path:
-        from harness import default_assets
-
-        model_path = str(default_assets.default_model_dir())
-    cfg = TrainConfig(**{f: getattr(pc, f) for f in SHARED}, data=pc.data, model=model_path)
+    model_path = pc.model or str(default_assets.default_model_dir())
+    cfg = TrainConfig(**{f: getattr(pc, f) for f in TOKENIZATION_FLAGS}, data=pc.data, model=model_path)
     model_config = model_mod.check_model_dir(model_path, cfg.trust_remote_code)
     seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)

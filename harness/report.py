@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness import data
+from harness.batches import StepBatches
 
 MAX_ROWS_LISTED = 100  # row indices written into the JSON per problem
 
@@ -58,7 +59,7 @@ def source_entry(src: SourceReport) -> dict:
     }
 
 
-def layout_entry(batches: data.StepBatches, steps: int, seq_len: int) -> dict:
+def layout_entry(batches: StepBatches, steps: int, seq_len: int) -> dict:
     real = slots = supervised = bins = 0
     for step in range(steps):
         step_real, step_slots = batches.slots(step)
@@ -66,7 +67,7 @@ def layout_entry(batches: data.StepBatches, steps: int, seq_len: int) -> dict:
         rows = batches.sampler.step_rows(step)
         supervised += sum(batches.rows[i].supervised for i in rows)
         if batches.packing:
-            bins += sum(len(m) for rank in batches.plan(step) for m in rank)
+            bins += sum(len(m) for rank in batches.layout(step) for m in rank)
     entry = {
         "layout": "packed" if batches.packing else "padded",
         "steps_measured": steps,
@@ -81,7 +82,7 @@ def layout_entry(batches: data.StepBatches, steps: int, seq_len: int) -> dict:
     return entry
 
 
-def build(sources: list[SourceReport], tokenizer, batches: data.StepBatches, steps: int, seq_len: int) -> dict:
+def build(sources: list[SourceReport], tokenizer, batches: StepBatches, steps: int, seq_len: int) -> dict:
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     return {
         "sources": [source_entry(s) for s in sources],

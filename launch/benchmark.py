@@ -1,6 +1,6 @@
 """Benchmark the harness against transformers.Trainer with the same DeepSpeed config; one JSON + a table.
 
-    python launch/benchmark.py --data ../shared/data/alpaca_subset_2k --max_steps 30 --repeats 2 --output bench/cpu.json
+    python launch/benchmark.py --data $DATA/alpaca_subset_2k --max_steps 30 --repeats 2 --output bench/cpu.json
     python launch/benchmark.py --model /models/llama-3.2-1b --data train.jsonl --dtype bf16 --ds_config zero2
 """
 
@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable with
 
 import fire  # noqa: E402
 
-from harness.benchmark import BenchConfig  # noqa: E402
 from harness.cli import command  # noqa: E402
+from harness.config import BenchConfig  # noqa: E402
 
 
 def benchmark(cfg: BenchConfig) -> None:
-    from harness.benchmark import run
+    from harness.benchmark import run  # torch, deepspeed, transformers load only after the flags parse
 
     run(cfg)
 

@@ -1,7 +1,7 @@
 """Evaluate a model on a task's data: metrics JSON and predictions JSONL. Flags: harness.config.EvalConfig.
 
     python launch/evaluate.py --model runs/exp1/best --task classification --labels negative,positive \
-        --text_field sentence --data ../shared/data/sst2/dev.tsv --output_dir runs/exp1/eval-sst2
+        --text_field sentence --data $DATA/sst2/dev.tsv --output_dir runs/exp1/eval-sst2
     torchrun --nproc_per_node 2 launch/evaluate.py --ds_config zero3 ...   # same flags, same metrics
     deepspeed --num_gpus 8 launch/evaluate.py ...
     python launch/evaluate.py --help                                     # every flag with its doc
@@ -22,7 +22,7 @@ from harness.config import EvalConfig  # noqa: E402
 
 
 def evaluate(cfg) -> None:
-    from harness.evaluation import run  # heavy imports (torch, deepspeed) only after the flags parse
+    from harness.evaluation import run  # torch, deepspeed, transformers load only after the flags parse
 
     run(cfg)
 

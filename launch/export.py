@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable with
 import fire  # noqa: E402
 
 from harness.cli import command  # noqa: E402
-from harness.export import ExportConfig  # noqa: E402
+from harness.config import ExportConfig  # noqa: E402
 
 
 def export(cfg: ExportConfig) -> None:
-    from harness.export import export as run_export
+    from harness.export import export as run_export  # torch, deepspeed, transformers load only after the flags parse
 
     run_export(cfg)
 

@@ -15,11 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable with
 import fire  # noqa: E402
 
 from harness.cli import command  # noqa: E402
-from harness.memory_plan import PlanConfig  # noqa: E402
+from harness.config import PlanConfig  # noqa: E402
 
 
 def plan(cfg: PlanConfig) -> None:
-    from harness.memory_plan import plan as run_plan
+    from harness.memory_plan import plan as run_plan  # torch, deepspeed, transformers load only after the flags parse
 
     print(run_plan(cfg)[1])
 

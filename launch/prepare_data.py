@@ -3,6 +3,8 @@
     python launch/prepare_data.py --data train.jsonl --output data/train.prepared \
         --model /models/llama-3.2-1b --seq_len 2048
     deepspeed launch/train.py --data data/train.prepared --model /models/llama-3.2-1b --seq_len 2048 ...
+    python launch/prepare_data.py --task classification --labels negative,positive --text_field sentence \
+        --data train.tsv --output data/sst2.prepared     # every task and field flag of training
     python launch/prepare_data.py --help         # every flag with its doc
 """
 
@@ -17,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable with
 import fire  # noqa: E402
 
 from harness.cli import command  # noqa: E402
-from harness.prepare import PrepareConfig  # noqa: E402
+from harness.config import PrepareConfig  # noqa: E402
 
 
 def prepare_data(cfg: PrepareConfig) -> None:
-    from harness.prepare import prepare
+    from harness.prepare import prepare  # torch, datasets, transformers load only after the flags parse
 
     prepare(cfg)
 

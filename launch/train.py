@@ -24,7 +24,7 @@ from harness.config import TrainConfig  # noqa: E402
 
 
 def train(cfg: TrainConfig) -> None:
-    from harness.train import run  # heavy imports (torch, deepspeed) only after the flags parse
+    from harness.train import run  # torch, deepspeed, transformers load only after the flags parse
 
     run(cfg)
 

@@ -1,7 +1,7 @@
 """Data-pipeline benchmark: tokenization rows/s, and real tokens/s padded vs packed, same run.
 
-    PYTHONPATH=. python scripts/bench_data.py /work/shared/data/alpaca_subset_2k/alpaca_data.json \
-        /work/shared/data/instruction_rasbt_1100/instruction-data.json
+    PYTHONPATH=. python scripts/bench_data.py $DATA/alpaca_subset_2k/alpaca_data.json \
+        $DATA/instruction_rasbt_1100/instruction-data.json
 
 Tiny default model on this machine, fp32, 1 process, micro batch 16 samples, seq_len 512,
 20 steps per layout; tokens/s is real (non-pad) tokens over the wall time of steps 3..20.
@@ -41,7 +41,7 @@ def main(paths):
                 timed = metrics[2:]
                 tokens = sum(m["tokens"] - p["tokens"] for p, m in zip(metrics[1:], timed))
                 seconds = sum(m["step_time_s"] for m in timed)
-                steps = result.plan.report["steps"]
+                steps = result.setup.report["steps"]
                 entry["packed" if packing else "padded"] = {
                     "real_tokens_per_s": tokens / seconds, "efficiency": steps["efficiency"],
                     "tokens_per_step": steps["tokens_per_step"], "bin_fill_rate": steps.get("bin_fill_rate")}

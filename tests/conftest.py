@@ -22,6 +22,10 @@ LAUNCHER_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MA
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed JIT-builds a comm op on its first CPU start. The build's hash includes the venv's path,
+# so venvs sharing one extensions folder rebuild it in turn and wait on each other's lock; one
+# folder per venv builds it once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,11 +59,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600,
-           script_name: str = "train.py") -> subprocess.CompletedProcess:
-    """Run launch/<script_name> through a real launcher; fail the test with its output if it fails."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
-    script = [str(ROOT / "launch" / script_name), *flags]
+def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600, script_name: str = "train.py",
+           script: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run launch/<script_name> (or `script`) through a real launcher, with `env` added to this
+    process's environment."""
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}, **(env or {})}
+    script = [str(script or ROOT / "launch" / script_name), *flags]
     if launcher == "torchrun":
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), *script]
     elif launcher == "deepspeed":
@@ -73,8 +78,9 @@ def launch(launcher: str, nproc: int, flags: list[str], timeout: int = 600,
     return proc
 
 
-def launch_ok(launcher: str, nproc: int, flags: list[str], script_name: str = "train.py") -> subprocess.CompletedProcess:
-    proc = launch(launcher, nproc, flags, script_name=script_name)
+def launch_ok(launcher: str, nproc: int, flags: list[str], script_name: str = "train.py",
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = launch(launcher, nproc, flags, script_name=script_name, env=env)
     assert proc.returncode == 0, f"{launcher} x{nproc} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 

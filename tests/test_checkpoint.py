@@ -1,7 +1,8 @@
 """Checkpoints: atomic commit under kill -9, bitwise resume, signals, NaN guard, export, hangs.
 
 Resumed runs are compared with uninterrupted ones bit for bit (fp32, CPU, deterministic):
-per-step losses and final weights.
+per-step losses and final weights. Faults come from tests/faults.py, armed from outside the
+harness: in-process through monkeypatch, in launched processes through tests/train_with_faults.py.
 """
 
 import json
@@ -16,16 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import faults
 from conftest import BIN, LAUNCHER_ENV_VARS, ROOT, as_argv, launch, launch_ok, parity_flags, read_metrics, train_losses
-from harness import checkpoint
+from harness import checkpoint, rundir
 from harness.config import TrainConfig
 from harness.dist import DistInfo
-from harness.errors import HarnessError, TrainingAborted
-from harness.train import preflight, run
+from harness.errors import HarnessError, RequeueRequested, TrainingAborted
+from harness.preflight import preflight
+from harness.train import run
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-SAVE_STAGES = ["save:start", "save:after_engine", "save:before_manifest", "save:before_rename", "save:before_latest"]
 SECRET = "sk-live-DO-NOT-LEAK-4242"
+WITH_FAULTS = ROOT / "tests" / "train_with_faults.py"
 
 
 def ckpt_flags(model, data, out, **overrides):
@@ -44,26 +47,8 @@ def assert_same_run(out, reference_out):
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def with_env(**env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    return saved
-
-
-def restore_env(saved):
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def launch_with(env: dict, launcher, nproc, flags):
-    saved = with_env(**env)
-    try:
-        return launch(launcher, nproc, flags)
-    finally:
-        restore_env(saved)
+def launch_with_fault(fault: dict, launcher, nproc, flags, env=None):
+    return launch(launcher, nproc, flags, script=WITH_FAULTS, env={**faults.env(**fault), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +58,7 @@ def uninterrupted(tiny_model, parity_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints_retention_and_latest(uninterrupted):
     root = uninterrupted / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6", "step-8"]  # keep_last 2
@@ -87,47 +73,47 @@ def test_periodic_checkpoints_retention_and_latest(uninterrupted):
     assert (root / "step-8" / "hf" / "config.json").exists() and (root / "step-8" / "hf" / "tokenizer.json").exists()
 
 
-@pytest.mark.parametrize("stage", SAVE_STAGES)
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", faults.SAVE_STAGES)
 def test_kill_at_each_save_stage_then_resume_is_bitwise(stage, uninterrupted, tiny_model, parity_data, tmp_path):
     out = tmp_path / "run"
     flags = as_argv(ckpt_flags(tiny_model, parity_data, out))
-    crashed = launch_with({"HARNESS_CRASH_AT": stage, "HARNESS_FAULT_STEP": 4}, "python", 1, flags)
+    crashed = launch_with_fault(dict(at=stage, action="crash", step=4), "python", 1, flags)
     assert crashed.returncode == -signal.SIGKILL
     newest = checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None)
-    assert newest.name == ("step-4" if stage == "save:before_latest" else "step-2")
+    assert newest.name == ("step-4" if stage == "point_latest" else "step-2")
     resumed = launch_ok("python", 1, flags + ["--resume=auto"])
     assert f"resumed from {newest}" in resumed.stdout
     assert_same_run(out, uninterrupted)
     assert not list((out / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_kill_twice_mid_epoch_resumes_on_the_same_rows(uninterrupted, tiny_model, parity_data, tmp_path):
     out = tmp_path / "run"
     flags = as_argv(ckpt_flags(tiny_model, parity_data, out))
     for crash_step in (4, 7):  # steps 3 and 6 were checkpointed at 2 and 6: work is redone from there
-        crashed = launch_with({"HARNESS_CRASH_AT": "step", "HARNESS_FAULT_STEP": crash_step}, "python", 1,
-                              flags + ["--resume=auto"])
+        crashed = launch_with_fault(dict(at="step", action="crash", step=crash_step), "python", 1,
+                                    flags + ["--resume=auto"])
         assert crashed.returncode == -signal.SIGKILL
     launch_ok("python", 1, flags + ["--resume=auto"])
     # Every step's loss equals the uninterrupted run's: each step saw the same rows and weights.
     assert_same_run(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_two_ranks_zero3_rank_killed_mid_save_then_resume_and_export(tiny_model, parity_data, tmp_path):
     flags = dict(ds_config="zero3", micro_batch_size=1, grad_accum_steps=2)
     ref = tmp_path / "ref"
     launch_ok("torchrun", 2, as_argv(ckpt_flags(tiny_model, parity_data, ref, **flags)))
     out = tmp_path / "run"
     argv = as_argv(ckpt_flags(tiny_model, parity_data, out, **flags))
-    crashed = launch_with({"HARNESS_CRASH_AT": "save:after_engine", "HARNESS_FAULT_RANK": 1, "HARNESS_FAULT_STEP": 6,
-                           "HARNESS_TEST_SECRET": SECRET}, "torchrun", 2, argv)
+    secret = {"HARNESS_TEST_SECRET": SECRET}
+    crashed = launch_with_fault(dict(at="write_rank_files", action="crash", rank=1, step=6), "torchrun", 2, argv,
+                                env=secret)
     assert crashed.returncode != 0
     assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None).name == "step-4"
-    saved = with_env(HARNESS_TEST_SECRET=SECRET)
-    try:
-        launch_ok("torchrun", 2, argv + ["--resume=auto"])
-    finally:
-        restore_env(saved)
+    launch_ok("torchrun", 2, argv + ["--resume=auto"], env=secret)
     assert_same_run(out, ref)
 
     # Export the 2-rank ZeRO-3 checkpoint in one process; it must equal final/ exactly.
@@ -165,6 +151,7 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return ranks
 
 
+@pytest.mark.slow
 def test_signal_saves_exits_75_and_resumes_bitwise(tiny_model, parity_data, tmp_path):
     flags = dict(max_steps=200, save_steps=0, ds_config="zero2", micro_batch_size=2)
     ref = tmp_path / "ref"
@@ -191,6 +178,7 @@ def test_signal_saves_exits_75_and_resumes_bitwise(tiny_model, parity_data, tmp_
     assert_same_run(out, ref)
 
 
+@pytest.mark.slow
 def test_plain_process_exits_75_on_sigterm(tiny_model, parity_data, tmp_path):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
@@ -205,18 +193,16 @@ def test_plain_process_exits_75_on_sigterm(tiny_model, parity_data, tmp_path):
         proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == checkpoint.EXIT_REQUEUE
+    assert proc.returncode == RequeueRequested.exit_code == 75
     assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None) is not None
 
 
-def test_nan_step_is_skipped_with_weights_optimizer_and_schedule_unchanged(tiny_model, parity_data, tmp_path):
+def test_nan_step_is_skipped_with_weights_optimizer_and_schedule_unchanged(tiny_model, parity_data, tmp_path,
+                                                                           monkeypatch):
     common = dict(lr_schedule="constant", warmup_steps=10)
     clean = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "clean", max_steps=2, **common)))
-    saved = with_env(HARNESS_NAN_AT_STEPS="2")
-    try:
-        poisoned = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "nan", max_steps=3, **common)))
-    finally:
-        restore_env(saved)
+    faults.install(monkeypatch.setattr, nan_at_steps=(3,))
+    poisoned = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "nan", max_steps=3, **common)))
     a, b = clean.engine.module.state_dict(), poisoned.engine.module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # step 3 changed no weight
     opt_a, opt_b = clean.engine.optimizer.optimizer.state, poisoned.engine.optimizer.optimizer.state
@@ -228,33 +214,51 @@ def test_nan_step_is_skipped_with_weights_optimizer_and_schedule_unchanged(tiny_
     assert len(skipped) == 1 and skipped[0]["step"] == 3 and len(skipped[0]["sample_rows"]) == 4
 
 
-def test_consecutive_bad_steps_abort_naming_the_last_good_checkpoint(tiny_model, parity_data, tmp_path):
-    saved = with_env(HARNESS_NAN_AT_STEPS="2,3")
-    try:
-        with pytest.raises(TrainingAborted, match=r"2 consecutive .* Last good checkpoint: .*step-2"):
-            run(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run", max_bad_steps=2)))
-    finally:
-        restore_env(saved)
+def test_consecutive_bad_steps_abort_naming_the_last_good_checkpoint(tiny_model, parity_data, tmp_path, monkeypatch):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    faults.install(monkeypatch.setattr, nan_at_steps=(3, 4))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingAborted, match=r"2 consecutive .* \(last at step 4\).* Last good checkpoint: .*step-2") as aborted:
+        run(TrainConfig(**ckpt_flags(tiny_model, parity_data, out, max_bad_steps=2)))
+    # The abort closed what the run opened, even while its frames live on in the traceback: the
+    # process has its own signal handlers back and holds no file of the run directory open.
+    assert aborted.tb is not None
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert not [path for path in open_files() if path.startswith(str(out))]
+    assert [m["step"] for m in read_metrics(out) if m.get("skipped_step")] == [3, 4]
 
 
+def open_files() -> list[str]:
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed since listdir
+            pass
+    return paths
+
+
+@pytest.mark.slow
 def test_a_hung_rank_fails_the_job_within_the_timeout_naming_it(tiny_model, parity_data, tmp_path):
     start = time.time()
-    proc = launch_with({"HARNESS_HANG_AT": "step", "HARNESS_FAULT_RANK": 1, "HARNESS_FAULT_STEP": 3}, "torchrun", 2,
-                       as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
+    proc = launch_with_fault(dict(at="step", action="hang", rank=1, step=3), "torchrun", 2,
+                             as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
     assert proc.returncode != 0 and time.time() - start < 10 + 60
     assert "lagging: rank 1 (last at step 2)" in proc.stderr and "at step 3" in proc.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tiny_model, parity_data, tmp_path):
     out = tmp_path / "run"
-    proc = launch_with({"HARNESS_ENOSPC_AT": "save:after_engine", "HARNESS_FAULT_STEP": 4}, "python", 1,
-                       as_argv(ckpt_flags(tiny_model, parity_data, out)))
+    proc = launch_with_fault(dict(at="write_rank_files", action="enospc", step=4), "python", 1,
+                             as_argv(ckpt_flags(tiny_model, parity_data, out)))
     assert proc.returncode == 2
     assert "saving the checkpoint of step 4 failed" in proc.stderr and "No space left on device" in proc.stderr
     assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None).name == "step-2"
     assert not (out / "checkpoints" / "step-4.tmp").exists()
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoints_are_never_resumed(uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
@@ -283,6 +287,7 @@ def test_retention_never_counts_unverified_folders(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-6"]  # step-6 is unverified, not kept-count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(ds_config="zero3"), "ZeRO stage 2, this run uses 3"),
     (dict(seed=4), "the seed differs"),
@@ -294,6 +299,7 @@ def test_resume_refuses_incompatible_runs_before_touching_state(change, message,
         preflight(TrainConfig(**flags), CPU1)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model(uninterrupted, tiny_model, parity_data, tmp_path):
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model, other)
@@ -313,13 +319,33 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_model, parity_data, tmp_path)
 
 
 def test_no_room_for_keep_last_is_refused(tiny_model, parity_data, tmp_path, monkeypatch):
-    import harness.train
-
-    monkeypatch.setattr(harness.train.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
     with pytest.raises(HarnessError, match="--save_steps 2 with --keep_last 2 needs about .* GiB free"):
         preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run")), CPU1)
 
 
+def test_checkpoint_room_counts_optimizer_state_only_for_trained_parameters(tiny_model, parity_data, tmp_path,
+                                                                            monkeypatch):
+    # --lora trains adapters only: the frozen base weights are saved in the module state (4 bytes
+    # each in fp32) but have no fp32 master copy or Adam moments (16 bytes for a trained one).
+    from transformers import AutoConfig
+
+    from harness import model
+
+    lora = dict(lora=True, lora_r=4, lora_targets="q_proj,v_proj")
+    n_params = model.count_parameters(str(tiny_model))
+    adapters = model.lora_parameters(AutoConfig.from_pretrained(tiny_model), lora["lora_targets"], 4, False)
+    kept = 3  # 8 steps, a save every 2, keep_last 2: the newest 2 plus the one being written
+    need = kept * (16 * adapters + 4 * n_params)
+    assert need < kept * 16 * n_params / 3
+    free = int(need * 1.01)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run", **lora)), CPU1)
+    with pytest.raises(HarnessError, match="needs about"):
+        preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run")), CPU1)
+
+
+@pytest.mark.slow
 def test_resume_auto_without_checkpoint_restarts_an_unfinished_run_but_keeps_a_finished_one(uninterrupted, tmp_path):
     flags = dict(model=str(uninterrupted / "final"), output_dir=str(uninterrupted), resume="auto")
     with pytest.raises(HarnessError, match="is not empty"):
@@ -327,16 +353,15 @@ def test_resume_auto_without_checkpoint_restarts_an_unfinished_run_but_keeps_a_f
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     (crashed / "config.json").write_text(json.dumps({"harness_version": "0.1.0"}))
-    from harness.train import check_output_dir
-
-    check_output_dir(crashed, overwrite=False, resume="auto", resume_from=None)  # no error: start again
+    rundir.check_output_dir(crashed, overwrite=False, resume="auto", resume_from=None)  # no error: start again
     finished = tmp_path / "finished"
     shutil.copytree(crashed, finished)
     (finished / "final").mkdir()
     with pytest.raises(HarnessError, match="is not empty"):
-        check_output_dir(finished, overwrite=False, resume="auto", resume_from=None)
+        rundir.check_output_dir(finished, overwrite=False, resume="auto", resume_from=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
 def test_resume_on_another_world_size_through_universal_checkpoint(ds_config, tiny_model, parity_data, tmp_path):
     """2 ranks write, 1 rank resumes (same global batch): the run continues as the 2-rank one did,

@@ -1,13 +1,17 @@
 """The flags: python-fire over TrainConfig, --help, unknown flags, validation."""
 
+import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
 
 from conftest import ROOT
-from harness.config import TrainConfig, flag_docs
+from harness.config import TASK_FIELDS, BenchConfig, EvalConfig, PlanConfig, PrepareConfig, TrainConfig, flag_docs
 from harness.errors import HarnessError
+
+DERIVED = {EvalConfig: "evaluate.py", PrepareConfig: "prepare_data.py", PlanConfig: "plan.py", BenchConfig: "benchmark.py"}
 
 
 def run_cli(*args):
@@ -57,3 +61,34 @@ def test_config_is_frozen():
     cfg = TrainConfig()
     with pytest.raises(Exception):
         cfg.lr = 1.0
+
+
+@pytest.mark.parametrize("cls", DERIVED)
+def test_other_launchers_share_trainings_flags_and_rules(cls):
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints, train_hints = typing.get_type_hints(cls), typing.get_type_hints(TrainConfig)
+    shared = [f.name for f in dataclasses.fields(cls) if f.name in train]
+    assert {"micro_batch_size", "seq_len"} & set(shared) or cls is EvalConfig
+    assert all(hints[name] is train_hints[name] for name in shared)
+    required = {EvalConfig: dict(model="m", data="d"), PrepareConfig: dict(data="d", output="o"),
+                PlanConfig: dict(model="m"), BenchConfig: {}}[cls]
+    # A value training refuses is refused here too, with training's message.
+    with pytest.raises(HarnessError, match="--seq_len must be >= 0, got -1"):
+        cls(**required, seq_len=-1)
+
+
+@pytest.mark.parametrize("cls", [PrepareConfig, EvalConfig, BenchConfig])
+def test_launchers_that_read_data_take_every_task_flag(cls):
+    assert {"task", "template", *TASK_FIELDS} <= {f.name for f in dataclasses.fields(cls)}
+
+
+def test_plan_takes_trainings_model_execution_flags():
+    assert {"model", "micro_batch_size", "seq_len", "grad_ckpt", "trust_remote_code"} <= set(flag_docs(PlanConfig))
+
+
+@pytest.mark.parametrize("cls, script", DERIVED.items())
+def test_every_launcher_help_lists_its_flags(cls, script):
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 0 and all(f"--{name}=" in text for name in flag_docs(cls)), proc.stderr[-2000:]

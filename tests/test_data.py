@@ -6,7 +6,7 @@ import pytest
 
 from harness import data
 from harness.config import TrainConfig
-from harness.data import IGNORE_INDEX
+from harness.labels import IGNORE_INDEX
 from harness.errors import HarnessError
 from harness.tasks import instruction
 from harness.tasks.common import Example, load_template

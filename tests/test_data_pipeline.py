@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import ROOT
-from harness import data, data_cache, tasks
-from harness.config import TrainConfig
+from harness import data, data_cache, default_assets, tasks
+from harness.batches import StepBatches
+from harness.config import PrepareConfig, TrainConfig
 from harness.dist import DistInfo
 from harness.errors import HarnessError
-from harness.train import preflight
+from harness.preflight import preflight
+from harness.prepare import prepare
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -121,9 +123,9 @@ def test_preflight_report_counts_on_a_crafted_file(tiny_model, tmp_path):
     rows[3]["output"] = "word " * 300
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "run"
-    plan = preflight(TrainConfig(model=str(tiny_model), data=str(path), output_dir=str(out), seq_len=64,
-                                 micro_batch_size=2, packing=False, data_cache=str(tmp_path / "c")), CPU1)
-    report = plan.report
+    setup = preflight(TrainConfig(model=str(tiny_model), data=str(path), output_dir=str(out), seq_len=64,
+                                  micro_batch_size=2, packing=False, data_cache=str(tmp_path / "c")), CPU1)
+    report = setup.report
     [src] = report["sources"]
     assert src["rows_read"] == src["rows_kept"] == 16 and not src["tokenization_cache_hit"]
     # The long-target rows' prompts (37 tokens) also give way down to seq_len / 2 first.
@@ -133,13 +135,13 @@ def test_preflight_report_counts_on_a_crafted_file(tiny_model, tmp_path):
     assert src["target_tokens"]["p50"] < 10
     assert report["special_tokens"]["pad_is_eos"] is False and report["special_tokens"]["eos_trained"]
     steps = report["steps"]
-    lengths = [len(r.input_ids) for r in plan.train_rows]
+    lengths = [len(r.input_ids) for r in setup.train_rows]
     assert steps["tokens_per_step"] == pytest.approx(sum(lengths) / 8)  # 16 rows, 8 steps of 2
     assert 0 < steps["efficiency"] < 1 and steps["layout"] == "padded"
     # Zero supervised tokens: reachable only through truncation to one token; listed by row.
     ds = data.tokenize_dataset(data.examples_dataset(tasks.get("instruction").examples(rows, TrainConfig())),
-                               plan.tokenizer, seq_len=1)
-    kept, stats = data.rows_from_dataset(ds, plan.tokenizer.eos_token_id)
+                               setup.tokenizer, seq_len=1)
+    kept, stats = data.rows_from_dataset(ds, setup.tokenizer.eos_token_id)
     assert not kept and stats.zero_supervised == list(range(16))
     with pytest.raises(HarnessError, match=r"rows 0, 1, .* \(16 of 16\) have no supervised token"):
         data.check_supervised(stats)
@@ -177,11 +179,11 @@ def test_mixing_follows_weights_and_seed(tiny_model, tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", ROWS)  # 8 rows
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"Count to {i}.", "output": str(i)} for i in range(24)])
 
-    def plan(seed):
+    def setup(seed):
         return preflight(TrainConfig(model=str(tiny_model), data=f"{a}:0.75,{b}:0.25", output_dir=str(tmp_path / "r"),
                                      seed=seed, micro_batch_size=2, data_cache=str(tmp_path / "c")), CPU1)
 
-    p1, p2, p3 = plan(1), plan(1), plan(2)
+    p1, p2, p3 = setup(1), setup(1), setup(2)
     sources = [r.source for r in p1.train_rows]
     assert len(sources) == 32 and sources.count(0) == 24 and sources.count(1) == 8  # 0.75 / 0.25 of 32
     assert [s["rows_in_mix"] for s in p1.report["sources"]] == [24, 8]
@@ -202,7 +204,7 @@ def test_length_grouped_sampler_pads_less_and_keeps_every_row():
 
     def efficiency(group, seed=0):
         sampler = data.StepSampler(256, 4, 2, 2, seed, lengths=lengths, group_by_length=group)
-        batches = data.StepBatches(rows, sampler, 0, packing=False, seq_len=512)
+        batches = StepBatches(rows, sampler, 0, packing=False, seq_len=512)
         totals = [batches.slots(s) for s in range(sampler.steps_per_epoch)]
         epoch = sorted(i for s in range(sampler.steps_per_epoch) for i in sampler.step_rows(s))
         return sum(r for r, _ in totals) / sum(t for _, t in totals), epoch, [sampler.step_rows(s) for s in range(8)]
@@ -216,6 +218,7 @@ def test_length_grouped_sampler_pads_less_and_keeps_every_row():
 
 # -- prepare_data ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prepare_data_folder_is_accepted_by_train(tiny_model, parity_data, tmp_path):
     out = tmp_path / "prepared"
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "prepare_data.py"), "--data", str(parity_data),
@@ -231,3 +234,19 @@ def test_prepare_data_folder_is_accepted_by_train(tiny_model, parity_data, tmp_p
     assert [r.input_ids for r in from_folder.train_rows] == [r.input_ids for r in from_file.train_rows]
     with pytest.raises(HarnessError, match="prepared with other seq_len"):
         preflight(TrainConfig(data=str(out), **{**flags, "seq_len": 128}), CPU1)
+
+
+def test_prepare_data_takes_every_task_flag_of_training(tiny_model, tmp_path):
+    rows = [{"sentence": r["text"], "polarity": r["label"]} for r in default_assets.generate_sentiment_rows(40, 0)]
+    path = write_jsonl(tmp_path / "sent.jsonl", rows)
+    task = dict(task="classification", labels="negative,positive", text_field="sentence", label_field="polarity",
+                seq_len=128)
+    out = tmp_path / "prepared"
+    assert prepare(PrepareConfig(data=str(path), output=str(out), model=str(tiny_model), **task))["rows_kept"] == 40
+    flags = dict(model=str(tiny_model), output_dir=str(tmp_path / "r"), micro_batch_size=2, data_cache=str(tmp_path / "c"))
+    from_folder = preflight(TrainConfig(data=str(out), **flags, **task), CPU1)
+    from_file = preflight(TrainConfig(data=str(path), **flags, **task), CPU1)
+    assert from_folder.report["sources"][0]["tokenization_cache_hit"]
+    assert [r.input_ids for r in from_folder.train_rows] == [r.input_ids for r in from_file.train_rows]
+    with pytest.raises(HarnessError, match="prepared with other task"):
+        preflight(TrainConfig(data=str(out), **flags, **{**task, "labels": "bad,good"}), CPU1)

@@ -6,7 +6,7 @@ import pytest
 
 from harness import ds_config
 from harness.config import TrainConfig
-from harness.ds_config import BatchPlan
+from harness.ds_config import BatchSizes
 from harness.errors import HarnessError
 
 SHIPPED = sorted(p.stem for p in ds_config.SHIPPED_DIR.glob("*.json"))
@@ -21,7 +21,7 @@ def test_shipped_config_opens_with_its_command_and_fills(name):
     raw = ds_config.load(name)
     assert next(iter(raw)) == "_usage" and f"--ds_config ds_configs/{name}.json" in raw["_usage"]
     cfg = TrainConfig(micro_batch_size=3, grad_accum_steps=5, lr=1e-4, weight_decay=0.1, max_grad_norm=0.5)
-    filled = ds_config.fill(raw, cfg, BatchPlan(3, 5, 4), dtype="bf16", on_cpu=False)
+    filled = ds_config.fill(raw, cfg, BatchSizes(3, 5, 4), dtype="bf16", on_cpu=False)
     assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"], filled["train_batch_size"]) == (3, 5, 60)
     assert filled["gradient_clipping"] == 0.5
     assert filled["bf16"] == {"enabled": True} and filled["fp16"] == {"enabled": False}
@@ -36,16 +36,16 @@ def test_shipped_config_opens_with_its_command_and_fills(name):
 
 def test_cpu_uses_torch_adam_unless_offloading():
     cfg = TrainConfig()
-    assert ds_config.fill(ds_config.load("zero2"), cfg, BatchPlan(1, 1, 1), "fp32", on_cpu=True)["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in ds_config.fill(ds_config.load("zero2_offload"), cfg, BatchPlan(1, 1, 1), "fp32", on_cpu=True)["optimizer"]["params"]
-    assert "torch_adam" not in ds_config.fill(ds_config.load("zero2"), cfg, BatchPlan(1, 1, 1), "bf16", on_cpu=False)["optimizer"]["params"]
+    assert ds_config.fill(ds_config.load("zero2"), cfg, BatchSizes(1, 1, 1), "fp32", on_cpu=True)["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in ds_config.fill(ds_config.load("zero2_offload"), cfg, BatchSizes(1, 1, 1), "fp32", on_cpu=True)["optimizer"]["params"]
+    assert "torch_adam" not in ds_config.fill(ds_config.load("zero2"), cfg, BatchSizes(1, 1, 1), "bf16", on_cpu=False)["optimizer"]["params"]
 
 
 def test_explicit_values_that_agree_are_accepted():
     raw = ds_config.load("zero3")
     raw.update(train_micro_batch_size_per_gpu=2, gradient_accumulation_steps=4, train_batch_size=16, gradient_clipping=1.0)
     raw["optimizer"]["params"]["lr"] = 2e-5
-    filled = ds_config.fill(raw, TrainConfig(micro_batch_size=2, grad_accum_steps=4), BatchPlan(2, 4, 2), "fp32", on_cpu=True)
+    filled = ds_config.fill(raw, TrainConfig(micro_batch_size=2, grad_accum_steps=4), BatchSizes(2, 4, 2), "fp32", on_cpu=True)
     assert filled["train_batch_size"] == 16
 
 
@@ -66,7 +66,7 @@ def test_contradictions_name_both_sides(edit, named):
     raw = ds_config.load("zero3")
     edit(raw)
     with pytest.raises(HarnessError) as err:
-        ds_config.fill(raw, TrainConfig(micro_batch_size=2, grad_accum_steps=4), BatchPlan(2, 4, 2), "fp32", on_cpu=True)
+        ds_config.fill(raw, TrainConfig(micro_batch_size=2, grad_accum_steps=4), BatchSizes(2, 4, 2), "fp32", on_cpu=True)
     for text in named:
         assert text in str(err.value)
 
@@ -83,6 +83,6 @@ def test_missing_and_invalid_files(tmp_path):
         ds_config.load(str(bad))
 
 
-def test_batch_plan_is_the_one_computation():
-    plan = BatchPlan(micro_batch_size=3, grad_accum_steps=2, world_size=4)
-    assert plan.global_batch_size == 24 and plan.rows_per_rank_step == 6
+def test_batch_sizes_are_the_one_computation():
+    sizes = BatchSizes(micro_batch_size=3, grad_accum_steps=2, world_size=4)
+    assert sizes.global_batch_size == 24 and sizes.rows_per_rank_step == 6

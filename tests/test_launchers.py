@@ -13,6 +13,7 @@ import torch
 from conftest import as_argv, launch, launch_ok, parity_flags, read_metrics, train_losses
 
 TOL = 1e-5
+pytestmark = pytest.mark.slow  # every test here starts real launchers and ranks
 
 
 @pytest.mark.parametrize("launcher, ds_config, micro, accum", [

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from conftest import read_metrics
-from harness.memory_plan import GiB, PlanConfig, estimate, model_shape, load_config, plan
+from harness.config import PlanConfig
+from harness.memory_plan import GiB, estimate, load_config, model_shape, plan
 
 LLAMA2_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 11008,
              "vocab_size": 32000}
@@ -64,6 +65,16 @@ def test_tiny_model_plan_and_ds_config_auto(tiny_model, parity_data, tmp_path):
     assert shape.total_params == sum(p.numel() for p in _loaded(tiny_model).parameters())
     result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "run", ds_config="auto", max_steps=2)))
     assert result.engine.zero_stage == 2 and len(read_metrics(result.output_dir)) == 2
+
+
+def test_plan_reads_seq_len_as_training_does(tiny_model):
+    from harness.errors import HarnessError
+
+    # 0: min(2048, the model's maximum), as in training; the tiny model has 512 positions.
+    assert plan(PlanConfig(model=str(tiny_model)))[1] == plan(PlanConfig(model=str(tiny_model), seq_len=512))[1]
+    assert plan(PlanConfig(model=str(tiny_model)))[1] != plan(PlanConfig(model=str(tiny_model), seq_len=256))[1]
+    with pytest.raises(HarnessError, match="--seq_len 1024 exceeds the model's maximum of 512"):
+        plan(PlanConfig(model=str(tiny_model), seq_len=1024))
 
 
 def test_plan_refuses_ambiguous_input():

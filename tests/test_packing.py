@@ -7,8 +7,9 @@ import torch
 
 from conftest import as_argv, launch_ok, parity_flags, train_losses
 from harness import data, packing
+from harness.batches import StepBatches
 from harness.config import TrainConfig
-from harness.data import IGNORE_INDEX
+from harness.labels import IGNORE_INDEX
 from harness.engine import model_inputs
 from harness.errors import HarnessError
 from harness.train import run
@@ -56,13 +57,13 @@ def test_collate_packed_restarts_positions_and_masks_each_first_label():
 def test_packed_steps_hold_the_sampler_rows_and_balance_ranks():
     rows = [data.TokenizedRow(i, ids, labels) for i, (ids, labels) in enumerate(random_samples(300, 2, 5, 200))]
     sampler = data.StepSampler(300, 8, 2, 2, seed=5)
-    batches = data.StepBatches(rows, sampler, 0, packing=True, seq_len=256)
+    batches = StepBatches(rows, sampler, 0, packing=True, seq_len=256)
     for step in range(10):
-        plan = batches.plan(step)
-        assert len(plan) == 2 and all(len(rank) == 2 for rank in plan)  # every rank, every micro-step
-        placed = sorted(i for rank in plan for micro in rank for b in micro for i in b)
+        layout = batches.layout(step)
+        assert len(layout) == 2 and all(len(rank) == 2 for rank in layout)  # every rank, every micro-step
+        placed = sorted(i for rank in layout for micro in rank for b in micro for i in b)
         assert placed == sorted(sampler.step_rows(step))
-        loads = [sum(batches.lengths[i] for micro in rank for b in micro for i in b) for rank in plan]
+        loads = [sum(batches.lengths[i] for micro in rank for b in micro for i in b) for rank in layout]
         assert max(loads) - min(loads) <= 256  # least-loaded assignment: within one bin
         for rank in range(2):
             for mb in batches(step, rank):
@@ -73,8 +74,8 @@ def test_packing_is_deterministic_by_seed():
     rows = [data.TokenizedRow(i, ids, labels) for i, (ids, labels) in enumerate(random_samples(100, 3))]
 
     def layout(seed):
-        batches = data.StepBatches(rows, data.StepSampler(100, 4, 2, 2, seed=seed), 0, packing=True, seq_len=128)
-        return [batches.plan(step) for step in range(12)]
+        batches = StepBatches(rows, data.StepSampler(100, 4, 2, 2, seed=seed), 0, packing=True, seq_len=128)
+        return [batches.layout(step) for step in range(12)]
 
     assert layout(1) == layout(1)
     assert layout(1) != layout(2)
@@ -130,17 +131,18 @@ def test_no_token_attends_across_samples_flash_attention_2(tiny_model):
 def test_packed_training_equals_padded(reference_run, tiny_model, parity_data, tmp_path):
     losses, weights, _ = reference_run  # padded, micro batch 4
     result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "a", packing=True)))
-    assert result.plan.report["steps"]["layout"] == "packed"
+    assert result.setup.report["steps"]["layout"] == "packed"
     assert result.losses == pytest.approx(losses, abs=TOL)
     for name, value in result.engine.module.state_dict().items():
         assert torch.allclose(value, weights[name], atol=TOL), name
     # Short seq_len: each step's 4 samples spread over several bins and 2 micro-steps.
     result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "b", packing=True, seq_len=128,
                                             micro_batch_size=2, grad_accum_steps=2)))
-    assert result.plan.report["steps"]["bins_per_step"] > 1
+    assert result.setup.report["steps"]["bins_per_step"] > 1
     assert result.losses == pytest.approx(losses, abs=TOL)
 
 
+@pytest.mark.slow
 def test_packed_two_ranks_zero3_equal_one(reference_run, tiny_model, parity_data, tmp_path):
     # 4 short samples fill one bin: rank 1 runs the filler row in every step, as ZeRO-3 needs.
     losses, _, _ = reference_run

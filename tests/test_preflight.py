@@ -6,10 +6,11 @@ import shutil
 import pytest
 import torch
 
+from harness import dist
 from harness.config import TrainConfig
 from harness.dist import DistInfo
 from harness.errors import HarnessError
-from harness.train import preflight
+from harness.preflight import preflight
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -25,10 +26,10 @@ def check(message, **flags):
 
 
 def test_good_inputs_resolve(good):
-    plan = preflight(TrainConfig(**good), CPU1)
-    assert plan.seq_len == 512 and plan.dtype == "fp32" and plan.attn == "sdpa"
-    assert plan.sampler.steps_per_epoch == 32 and plan.total_steps == 32 and len(plan.train_rows) == 64
-    assert plan.ds_config["train_batch_size"] == 2
+    setup = preflight(TrainConfig(**good), CPU1)
+    assert setup.seq_len == 512 and setup.dtype == "fp32" and setup.attn == "sdpa"
+    assert setup.sampler.steps_per_epoch == 32 and setup.total_steps == 32 and len(setup.train_rows) == 64
+    assert setup.ds_config["train_batch_size"] == 2
 
 
 def test_missing_data_file(good, tmp_path):
@@ -113,3 +114,14 @@ def test_overwrite_accepts_a_previous_run_dir(good, tmp_path):
     check("is not empty", **good)
     preflight(TrainConfig(**good, overwrite=True), CPU1)
     assert (out / "config.json").exists()  # preflight itself never deletes anything
+
+
+def test_a_check_that_fails_raises_the_same_error_on_every_rank():
+    def check(value):
+        if value < 0:
+            raise HarnessError(f"--value {value} must be >= 0")
+        return value * 2
+
+    assert dist.checked_on_every_rank(check, 3) == 6
+    with pytest.raises(HarnessError, match="--value -1 must be >= 0"):
+        dist.checked_on_every_rank(check, -1)

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from conftest import as_argv, launch_ok, read_metrics
-from harness import data, default_assets, evaluation
+from harness import checkpoint, data, default_assets, evaluation
 from harness.config import EvalConfig, TrainConfig, flag_docs
 from harness.dist import DistInfo
 from harness.errors import HarnessError
 from harness.tasks import classification, qa, summarization
 from harness.tasks.common import Example
-from harness.train import preflight, run
+from harness.preflight import preflight
+from harness.train import run
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 LABELS = "negative,positive"
@@ -156,8 +157,8 @@ def test_metric_for_best_the_task_does_not_produce(cls_flags):
     check("--metric_for_best 'rougeL': task classification produces loss, ppl, accuracy, macro_f1",
           **{**cls_flags, "metric_for_best": "rougeL"})
     check("need evaluation data", **{**cls_flags, "eval_data": "", "metric_for_best": "accuracy"})
-    plan = preflight(TrainConfig(**{**cls_flags, "metric_for_best": "eval/loss"}), CPU1)
-    assert (plan.best.metric, plan.best.greater_is_better) == ("eval/loss", False)
+    setup = preflight(TrainConfig(**{**cls_flags, "metric_for_best": "eval/loss"}), CPU1)
+    assert (setup.metric_for_best, setup.greater_is_better) == ("eval/loss", False)
 
 
 def test_lora_targets_must_exist(cls_flags):
@@ -176,10 +177,10 @@ def test_label_scoring_equals_independent_log_likelihood(tiny_model, task_data):
     from harness import engine as engine_mod
 
     info = engine_mod.init_distributed()
-    plan = evaluation.preflight(cfg, info)
-    engine = evaluation.build_engine(plan)  # ZeRO-3 inference engine
+    setup = evaluation.preflight(cfg, info)
+    engine = evaluation.build_engine(setup)  # ZeRO-3 inference engine
     assert engine.zero_stage == 3
-    es = plan.eval_set
+    es = setup.eval_set
     scores = evaluation.label_scores(engine.sequence_log_likelihood, es.prompts, es.label_ids, es.pad_id)
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
@@ -196,6 +197,7 @@ def test_label_scoring_equals_independent_log_likelihood(tiny_model, task_data):
 # --- learning, best/, files ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_classification_learns_from_chance_to_90_percent(tiny_model, task_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -230,16 +232,22 @@ def test_early_stopping_keeps_last_and_best(tiny_model, task_data, tmp_path):
     out = tmp_path / "run"
     result = run(TrainConfig(model=str(tiny_model), task="classification", labels=LABELS, data=str(task_data["sent_train"]),
                              eval_data=str(task_data["sent_eval"]), output_dir=str(out), max_steps=20, eval_steps=1,
-                             lr=1e-9, micro_batch_size=4, early_stopping_patience=1, max_eval_samples=8))
+                             lr=1e-9, micro_batch_size=4, early_stopping_patience=1, max_eval_samples=8, save_steps=10))
     assert len(result.losses) == 2
     assert [m["step"] for m in read_metrics(out) if "eval/accuracy" in m] == [0, 1, 2]
     assert (out / "final" / "model.safetensors").is_file() and (out / "best" / "model.safetensors").is_file()
-    assert result.plan.best.best_step == 1
+    assert result.best.best_step == 1
+    # --save_steps saves at the end of a run, and an early stop is where this one ended.
+    saved = checkpoint.newest_verified(out / "checkpoints")
+    assert saved is not None and saved.name == "step-2"
+    assert json.loads((saved / checkpoint.STATE).read_text())["best"] == {
+        "metric": "eval/accuracy", "value": result.best.best, "step": 1, "evals_without_gain": 1}
 
 
 # --- generation: batched, left-padded, and 2 ZeRO-3 ranks = 1 process ---------------------------
 
 
+@pytest.mark.slow
 def test_generation_two_zero3_ranks_equal_one_process(tiny_model, task_data, tmp_path):
     flags = dict(model=str(tiny_model), data=str(task_data["qa"]), task="qa", max_new_tokens=6, ds_config="zero3",
                  eval_batch_size=4, dtype="fp32")
@@ -262,6 +270,20 @@ def test_generation_two_zero3_ranks_equal_one_process(tiny_model, task_data, tmp
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "all-linear"])
+def test_lora_parameters_counted_before_loading_equal_peft(targets, tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness import model
+
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                             LoraConfig(r=4, target_modules=model.lora_targets(targets), task_type="CAUSAL_LM"))
+    trainable, _ = wrapped.get_nb_trainable_parameters()
+    assert model.lora_parameters(AutoConfig.from_pretrained(tiny_model), targets, 4, False) == trainable
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2", "zero3"])
 def test_lora_trains_only_adapters_and_merged_export_scores_the_same(ds_config, tiny_model, task_data, tmp_path):
     from peft import PeftModel

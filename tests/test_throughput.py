@@ -92,7 +92,7 @@ def test_run_logs_three_token_rates_and_breakdown(reference_run):
 def test_chunked_cross_entropy_matches_the_plain_loss_and_gradients(eager_model):
     import copy
 
-    from harness.data import IGNORE_INDEX
+    from harness.labels import IGNORE_INDEX
     from harness.loss import chunked_token_loss_sum
 
     # In float64 the two paths differ only by summation order (~1e-15), so a 1e-6 tolerance tests

@@ -67,6 +67,7 @@ def test_final_folder_round_trips(ds_config, tiny_model, parity_data, tmp_path):
     assert AutoTokenizer.from_pretrained(result.output_dir / "final")("hello")["input_ids"]
 
 
+@pytest.mark.slow
 def test_loss_falls_on_the_embedded_default(tmp_path):
     result = run(TrainConfig(output_dir=str(tmp_path / "run"), max_steps=60, lr=3e-3, micro_batch_size=8,
                              lr_schedule="constant", warmup_steps=5))
@@ -96,10 +97,10 @@ def test_zero3_shards_at_load_time(tiny_model):
     # parameters come back as ZeRO-partitioned placeholders before any engine exists, so a
     # model larger than one device never has to fit on one.
     from harness import ds_config, engine, model
-    from harness.ds_config import BatchPlan
+    from harness.ds_config import BatchSizes
 
     engine.init_distributed()
-    filled = ds_config.fill(ds_config.load("zero3"), TrainConfig(), BatchPlan(1, 1, 1), "fp32", on_cpu=True)
+    filled = ds_config.fill(ds_config.load("zero3"), TrainConfig(), BatchSizes(1, 1, 1), "fp32", on_cpu=True)
     ctx = engine.Zero3LoadContext(filled)
     loaded = model.load_model(str(tiny_model), "fp32", "sdpa", grad_ckpt=False, trust_remote_code=False)
     ctx.release()
@@ -122,10 +123,10 @@ def test_eval_split_holds_rows_out_of_training(tiny_model, parity_data, tmp_path
     from conftest import parity_flags
 
     result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "run", eval_split=0.25, max_steps=2)))
-    train_rows = {r.row for r in result.plan.train_rows}
-    eval_rows = {e.row for e in result.plan.eval_set.examples}
+    train_rows = {r.row for r in result.setup.train_rows}
+    eval_rows = {e.row for e in result.setup.eval_set.examples}
     assert len(eval_rows) == 16 and len(train_rows) == 48 and not train_rows & eval_rows
     # The held-out examples are the very rows of the file (prompt and reference), not re-drawn ones.
     lines = [json.loads(line) for line in parity_data.read_text().splitlines()]
-    assert all(e.target == lines[e.row]["output"] for e in result.plan.eval_set.examples)
+    assert all(e.target == lines[e.row]["output"] for e in result.setup.eval_set.examples)
     assert "eval/loss" in read_metrics(result.output_dir)[-1]

@@ -57,7 +57,7 @@ def sentences_on_lines(text: str) -> str:
 
 
 def compute_metrics(predictions: list[str], examples: list[Example], cfg) -> tuple[dict, dict]:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # pulls in nltk (~1 s): only summarization metrics need it
 
     scorer = rouge_scorer.RougeScorer(list(METRICS), use_stemmer=True)
     totals = dict.fromkeys(METRICS, 0.0)
