@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bash scripts/gpu/run_checks.sh              # on the lent GPU machine: GPU-marked tests, then the issue-8 benchmarks
+# bash scripts/gpu/run_checks.sh              # on the lent GPU machine: GPU-marked tests, then the GPU benchmarks
 # bash scripts/gpu/run_checks.sh tests-only   # only the GPU-marked tests
 #
 # From the repo root there, after `bash scripts/gpu/fetch_wheels.sh` here; the device tool must
@@ -22,8 +22,8 @@ python3 -c 'import torch, deepspeed, transformers; print(torch.__version__, deep
 python3 -m pytest -q -m cuda tests/ 2>&1 | tee "$out/pytest-gpu.log"
 [ "${1:-}" = tests-only ] && exit 0
 
-# Issue 8 targets; every command is echoed into the log next to its figures.
-alpaca=${ALPACA:-.gpu/alpaca_data.json}   # ../shared does not travel: fetch_wheels.sh copies it into .gpu/
+# The GPU benchmarks; every command is echoed into the log next to its figures.
+alpaca=${ALPACA:-.gpu/alpaca_data.json}   # the data folder does not travel: fetch_wheels.sh copies it into .gpu/
 run() { echo "+ $*" | tee -a "$out/commands.log"; "$@"; }
 [ -d models/llama-1b ] || run python3 scripts/gpu/make_model.py llama-1b models/llama-1b
 
