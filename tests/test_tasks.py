@@ -327,13 +327,6 @@ def test_lora_trains_only_adapters_and_merged_export_scores_the_same(ds_config, 
         assert a["label_log_likelihoods"] == pytest.approx(m["label_log_likelihoods"], abs=1e-4)
 
 
-def test_readme_lists_every_evaluate_flag():
-    from conftest import ROOT
-
-    readme = (ROOT / "README.md").read_text()
-    for name, doc in flag_docs(EvalConfig).items():
-        assert f"| `--{name}` |" in readme and doc in readme, name
-
 
 def test_evaluate_cli_lists_its_flags_and_refuses_training_ones(tmp_path):
     import subprocess

@@ -110,14 +110,6 @@ def test_zero3_shards_at_load_time(tiny_model):
     assert not any(hasattr(p, "ds_id") for p in plain.parameters())
 
 
-def test_readme_lists_every_flag():
-    from conftest import ROOT
-    from harness.config import flag_docs
-
-    readme = (ROOT / "README.md").read_text()
-    for name, doc in flag_docs().items():
-        assert f"| `--{name}` |" in readme and doc in readme, name
-
 
 def test_eval_split_holds_rows_out_of_training(tiny_model, parity_data, tmp_path):
     from conftest import parity_flags
