@@ -147,6 +147,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
         model_mod.check_lora_targets(model_config, cfg.lora_targets, cfg.trust_remote_code)
 
     task = tasks.get(cfg.task)
+    tasks.setup_tokenizer(task, cfg, tokenizer)
     template = load_template(cfg.template)
     nonce = nonce or dist.shared_nonce()
 
