@@ -95,6 +95,9 @@ def resolve(value: str, tokenizer) -> str:
                                "(<|im_start|>role\\n...<|im_end|>, for tokenizers that have those tokens)")
         text = own
     check_syntax(text)
+    if has_generation_markers(text) and not getattr(tokenizer, "is_fast", False):
+        raise HarnessError("a chat template with {% generation %} markers needs a fast (Rust) tokenizer: "
+                           "transformers maps the marked text to tokens through character offsets")
     return text
 
 
@@ -181,7 +184,7 @@ def encode(conversations: list[list[dict]], tokenizer, template: str) -> list[En
         if isinstance(enc, Encoded):
             enc.opening = opening
             enc.breaks = exchange_breaks(enc, tokenizer, specials)
-            problem = check_turn_ends(enc, tokenizer, specials)
+            problem = check_turn_ends(enc, specials)
             out.append(problem or enc)
         else:
             out.append(enc)
@@ -190,10 +193,6 @@ def encode(conversations: list[list[dict]], tokenizer, template: str) -> list[En
 
 def encode_marked(conversations, tokenizer, template: str) -> list[Encoded | str]:
     """`{% generation %}` templates: transformers marks the assistant tokens from character offsets."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise HarnessError("a chat template with {% generation %} markers needs a fast (Rust) tokenizer: "
-                           "transformers maps the marked text to tokens through character offsets")
-
     def one(batch):
         result = tokenizer.apply_chat_template(batch, chat_template=template, tokenize=True, return_dict=True,
                                                return_assistant_tokens_mask=True)
@@ -275,14 +274,15 @@ def encode_by_prefix(conversations, tokenizer, template: str, specials: set[int]
         for k in assistant_indices(conversation):
             p, f = by_owner[("asked", c, k)], by_owner[("answered", c, k)]
             if f[: len(p)] != p or ids[: len(f)] != f:
-                problem = (f"the tokens are not prefix-stable at assistant message {k}: the tokenizer merges text across "
-                           f"the turn boundary, so the assistant tokens have no exact start or end; add {{% generation %}} "
-                           f"markers to the template or end its generation prompt on a special token or newline")
+                problem = (f"the tokens are not prefix-stable at assistant message {k}: the tokenizer merges text "
+                           f"across the turn boundary, so the assistant tokens have no exact start or end; add "
+                           f"{{% generation %}} markers to the template or end its generation prompt on a special "
+                           f"token or newline")
                 break
             turn = f[len(p):]
             end = last_special(turn, specials)
             if end is None or tokenizer.decode(turn[end + 1:]).strip():
-                problem = no_end_of_turn(k)
+                problem = no_end_of_turn(f"assistant message {k}")
                 break
             spans.append((len(p), len(p) + end + 1))
         out.append(problem or Encoded(ids[: spans[-1][1]], spans))
@@ -296,8 +296,8 @@ def last_special(tokens: list[int], specials: set[int]) -> int | None:
     return None
 
 
-def no_end_of_turn(k: int) -> str:
-    return (f"assistant message {k} is not followed by a special end-of-turn token (such as <|im_end|>, <|eot_id|> or "
+def no_end_of_turn(which: str) -> str:
+    return (f"{which} is not followed by a special end-of-turn token (such as <|im_end|>, <|eot_id|> or "
             f"{{{{ eos_token }}}}), so the model could never learn to stop; use a template that ends assistant turns "
             f"with one")
 
@@ -313,10 +313,10 @@ def exchange_breaks(enc: Encoded, tokenizer, specials: set[int]) -> list[int]:
     return breaks
 
 
-def check_turn_ends(enc: Encoded, tokenizer, specials: set[int]) -> str | None:
-    for n, (start, end) in enumerate(enc.spans):
+def check_turn_ends(enc: Encoded, specials: set[int]) -> str | None:
+    for n, (_, end) in enumerate(enc.spans):
         if enc.ids[end - 1] not in specials:
-            return no_end_of_turn(n).replace(f"assistant message {n}", f"assistant turn {n + 1} (as marked)")
+            return no_end_of_turn(f"assistant turn {n + 1} (as marked)")
     return None
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import as_argv, launch_ok, read_metrics, train_losses
-from harness import chat_template, data, data_cache, default_assets, evaluation
+from harness import chat_template, data_cache, default_assets, evaluation
 from harness.config import EvalConfig, TrainConfig
 from harness.data import IGNORE_INDEX
 from harness.dist import DistInfo

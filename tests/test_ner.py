@@ -175,8 +175,12 @@ def test_ner_learns_generated_entities(tiny_model, ner_data, tmp_path):
 
 @pytest.mark.slow
 def test_ner_generation_two_zero3_ranks_equal_one_process(tiny_model, ner_data, tmp_path):
+    # The bare text as prompt (a file: fire would parse "{text}" as a literal): an untrained model's
+    # output then varies with the row.
+    template = tmp_path / "prompt.txt"
+    template.write_text("{text}")
     flags = dict(model=str(tiny_model), data=str(ner_data[1]), task="ner", max_new_tokens=6, ds_config="zero3",
-                 eval_batch_size=4, dtype="fp32", max_eval_samples=10)
+                 eval_batch_size=4, dtype="fp32", max_eval_samples=10, template=str(template))
     one = evaluation.run(EvalConfig(**flags, output_dir=str(tmp_path / "one")))
     launch_ok("torchrun", 2, as_argv({**flags, "output_dir": tmp_path / "two"}), script_name="evaluate.py")
     texts = [p["prediction"] for p in one.predictions]

@@ -124,8 +124,12 @@ def test_translation_learns_a_generated_mapping(tiny_model, phrase_data, tmp_pat
 
 @pytest.mark.slow
 def test_translation_generation_two_zero3_ranks_equal_one_process(tiny_model, phrase_data, tmp_path):
+    # The bare source as prompt (a file: fire would parse "{source}" as a literal): an untrained
+    # model's output then varies with the row.
+    template = tmp_path / "prompt.txt"
+    template.write_text("{source}")
     flags = dict(model=str(tiny_model), data=str(phrase_data[1]), task="translation", max_new_tokens=6,
-                 ds_config="zero3", eval_batch_size=4, dtype="fp32", max_eval_samples=10, **LANGS)
+                 ds_config="zero3", eval_batch_size=4, dtype="fp32", max_eval_samples=10, template=str(template), **LANGS)
     one = evaluation.run(EvalConfig(**flags, output_dir=str(tmp_path / "one")))
     launch_ok("torchrun", 2, as_argv({**flags, "output_dir": tmp_path / "two"}), script_name="evaluate.py")
     texts = [p["prediction"] for p in one.predictions]

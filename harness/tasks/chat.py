@@ -61,7 +61,8 @@ def literal(value):
 
 def role_names(cfg) -> dict[str, str]:
     extra = literal(cfg.role_names) if cfg.role_names else {}
-    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in extra.items()):
+    if not isinstance(extra, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                              for k, v in extra.items()):
         raise HarnessError(f"--role_names {cfg.role_names!r}: give a mapping like \"{{'bot': 'assistant'}}\"")
     return {**ROLES, **extra}
 
@@ -106,7 +107,7 @@ def examples(rows, cfg, template: str = "") -> list[Conversation]:
         for message in value:
             raw_role = message.get(keys[0]) if isinstance(message, dict) else None
             content = message.get(keys[1]) if isinstance(message, dict) else None
-            if raw_role is None and isinstance(message, dict) and layout == "messages":  # ShareGPT keys inside 'messages'
+            if raw_role is None and isinstance(message, dict) and layout == "messages":  # ShareGPT keys there
                 raw_role, content = message.get(SHAREGPT_KEYS[0]), message.get(SHAREGPT_KEYS[1])
             if not isinstance(raw_role, str) or not isinstance(content, str):
                 problem = f"a message without a text {keys[0]!r} and {keys[1]!r}"

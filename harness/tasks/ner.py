@@ -112,7 +112,8 @@ def examples(rows, cfg, template: str = "") -> list[Example]:
     else:
         raise HarnessError(f"data has neither {cfg.tokens_field!r} + {cfg.tags_field!r} (CoNLL words and BIO tags) nor "
                            f"{cfg.text_field!r} + {cfg.entities_field!r} (text and entity spans); fields: "
-                           f"{sorted(columns)}; name them with --tokens_field/--tags_field or --text_field/--entities_field")
+                           f"{sorted(columns)}; name them with --tokens_field/--tags_field or "
+                           f"--text_field/--entities_field")
 
     out: list[Example] = []
     problems: dict[str, list[int]] = {}

@@ -15,7 +15,8 @@ from harness.errors import HarnessError
 from harness.tasks.common import Example, check_placeholders, name_rows
 
 NAME = "translation"
-DEFAULT_TEMPLATE = "Translate the text from {source_lang} to {target_lang}.\n\n### {source_lang}:\n{source}\n\n### {target_lang}:\n"
+DEFAULT_TEMPLATE = ("Translate the text from {source_lang} to {target_lang}.\n\n"
+                    "### {source_lang}:\n{source}\n\n### {target_lang}:\n")
 EVAL_MODE = "generate"
 METRICS = ("bleu", "chrf")
 MAIN_METRIC = "bleu"
