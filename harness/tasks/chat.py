@@ -26,7 +26,7 @@ import ast
 import json
 from dataclasses import dataclass
 
-from harness import chat_template, data
+from harness import chat_template
 from harness.errors import HarnessError
 from harness.tasks.common import Example, name_rows
 
@@ -217,6 +217,8 @@ def tokenize_examples(examples: list[Conversation], cfg, tokenizer, seq_len: int
 def eval_tokens(examples: list[Conversation], cfg, tokenizer, seq_len: int, room: int):
     """Eval inputs: loss rows of every conversation; generation prompts (the conversation up to its
     last assistant turn, with the generation prompt) for the first --chat_eval_generations; stop ids."""
+    from harness import data  # torch: imported when evaluating, not when the task package is listed
+
     tokenized = tokenize_examples(examples, cfg, tokenizer, seq_len)
     loss_rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id)
     data.check_supervised(stats, "eval conversations")
