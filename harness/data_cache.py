@@ -25,13 +25,14 @@ from pathlib import Path
 
 import datasets
 
-from harness import __version__, data
+from harness import __version__, data, tasks
 from harness.config import TASK_FIELDS
 from harness.errors import HarnessError
 
 DEFAULT_CACHE = "~/.cache/llm-ft-harness"  # shared with harness.default_assets
 PREPARED_FILE = "prepared.json"  # marks a folder written by prepare_data (or a cache entry)
-TOKENIZER_FILE_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", ".model", ".tiktoken")
+TOKENIZER_FILE_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", ".model", ".tiktoken",
+                        "chat_template")
 WAIT_REPORT_S = 60.0
 AUTO_NUM_PROC_MIN_ROWS = 20_000
 
@@ -82,9 +83,12 @@ class KeyInputs:
 
 
 def key_inputs(data_path: str, model_path: str, cfg, template: str, seq_len: int) -> KeyInputs:
-    task = json.dumps({"task": cfg.task, **{name: getattr(cfg, name) for name in TASK_FIELDS}}, sort_keys=True)
+    module = tasks.get(cfg.task)
+    # A task may add what else changes its tokens (task=chat: the --chat_template text) and its own policy.
+    extra = module.cache_key(cfg) if hasattr(module, "cache_key") else {}
+    task = json.dumps({"task": cfg.task, **{name: getattr(cfg, name) for name in TASK_FIELDS}, **extra}, sort_keys=True)
     return KeyInputs(file_digest(Path(data_path)), tokenizer_digest(model_path), template, task,
-                     data.MASKING_POLICY, seq_len, __version__)
+                     getattr(module, "MASKING_POLICY", data.MASKING_POLICY), seq_len, __version__)
 
 
 def is_prepared(path: str) -> bool:
@@ -123,6 +127,8 @@ def build(data_path: str, cfg, task, template: str, tokenizer, seq_len: int, num
     if num_proc == 0:
         # Starting worker processes costs about a second each: only worth it for large data.
         num_proc = 1 if len(examples) < AUTO_NUM_PROC_MIN_ROWS else min(8, os.cpu_count() or 1)
+    if hasattr(task, "tokenize_examples"):  # a row that is not one (prompt, target) pair (task=chat)
+        return task.tokenize_examples(examples, cfg, tokenizer, seq_len, num_proc)
     return data.tokenize_dataset(data.examples_dataset(examples), tokenizer, seq_len, num_proc)
 
 

@@ -184,7 +184,7 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
-                 pad_id: int, eos_id: int) -> torch.Tensor:
+                 pad_id: int, eos_id: int | list[int]) -> torch.Tensor:
         """Greedy decoding of a left-padded batch with the KV cache; returns only the new tokens.
 
         Under ZeRO-3 every forward gathers each layer's shards from all ranks, so a rank whose

@@ -109,6 +109,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
 
     # The data: every source tokenized (or read from the cache), mixed, and the eval set.
     task = tasks.get(cfg.task)
+    tasks.setup_tokenizer(task, cfg, tokenizer)
     template = load_template(cfg.template)
     nonce = nonce or dist.shared_nonce()
 
