@@ -92,3 +92,17 @@ def test_every_launcher_help_lists_its_flags(cls, script):
                           timeout=120)
     text = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode == 0 and all(f"--{name}=" in text for name in flag_docs(cls)), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args", [["--template", "{instruction} -> "], ["--template={instruction} -> "],
+                                  ["--labels", "negative,positive"], ["--model", "007"]])
+def test_text_flags_arrive_as_typed(args, monkeypatch):
+    """python-fire reads values as Python literals ({x} is a set, a,b a tuple, 007 an int); text flags must not."""
+    from harness.cli import command
+
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    command(TrainConfig, lambda cfg: seen.update(cfg=cfg), "test")(**{"template": {"instruction"}, "labels": ("negative", "positive"), "model": 7})
+    name = args[0].lstrip("-").split("=")[0]
+    typed = args[0].split("=", 1)[1] if "=" in args[0] else args[1]
+    assert getattr(seen["cfg"], name) == typed
