@@ -8,7 +8,10 @@ LR schedule is an inference engine (no optimizer), used by launch/evaluate.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,8 +31,9 @@ from harness.throughput import NULL_TIMER  # noqa: E402
 def init_distributed(timeout_s: int = 1800) -> dist.DistInfo:
     dist.ensure_launcher_env()
     quiet_libraries()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=timeout_s))
+    with ops_build_watchdog():  # on CPU this builds DeepSpeed's shared-memory comm op on first use
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))
     return dist.info()
 
 
@@ -60,18 +64,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 class Engine:
     def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0):
         self.chunked_ce = chunked_ce
-        if lr_lambda is None:
-            # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
-            # gathers each layer for its forward, which is what lets a large model be evaluated.
-            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=ds_config)
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model,
-                model_parameters=params,
-                config=ds_config,
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-            )
+        with ops_build_watchdog():  # FusedAdam / DeepSpeedCPUAdam are compiled on first use
+            if lr_lambda is None:
+                # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
+                # gathers each layer for its forward, which is what lets a large model be evaluated.
+                self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=ds_config)
+            else:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                    model=model,
+                    model_parameters=params,
+                    config=ds_config,
+                    lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+                )
         self.world_size = self.ds.world_size
         self.zero_stage = self.ds.zero_optimization_stage()
 
@@ -143,7 +148,6 @@ class Engine:
     def convert_to_universal(ds_folder: Path, out: Path) -> None:
         """DeepSpeed's universal checkpoint: state re-sliced per parameter, loadable on any world size."""
         import subprocess
-        import sys
 
         # ds_to_universal is a script with its own worker pools; run it as DeepSpeed documents it.
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
@@ -226,3 +230,75 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+# -- DeepSpeed's compiled ops -----------------------------------------------------------------------
+# DeepSpeed JIT-compiles its C++ ops on first use (torch.utils.cpp_extension), each build holding
+# `<extensions folder>/<op>/lock`. A build that is killed leaves that lock behind, and every later
+# run then waits on it forever without a word (torch's FileBaton.wait). scripts/setup.sh builds
+# the ops once (build_ops); the watchdog names a lock that still holds a run up.
+OPS_BUILD_WARN_AFTER_S = 30.0
+
+
+def build_ops() -> None:
+    """Compile the ops a run would otherwise compile on first use, the way DeepSpeed loads them."""
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+
+    build_shm_op()  # the CPU accelerator's shared-memory all-reduce, built inside every init_distributed
+    optional = [(CPUAdamBuilder, "an *_offload config (DeepSpeedCPUAdam)")]
+    if torch.cuda.is_available():
+        optional.append((FusedAdamBuilder, "the zero2/zero3 configs on GPUs (FusedAdam)"))
+    for builder, used_by in optional:
+        try:
+            builder().load()
+        except Exception as err:  # report and go on: setup must not fail for what only some runs use
+            print(f"warning: could not build the op for {used_by}: {err}; such runs will try again at their "
+                  f"start", file=sys.stderr)
+
+
+def extension_build_locks() -> list[Path]:
+    """Lock files of op builds in progress, or left by builds that were killed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    # Default layout: <cache>/torch_extensions/py311_cpu/<op>/lock; TORCH_EXTENSIONS_DIR/<op>/lock.
+    return sorted(Path(root).glob("*/lock")) if root else sorted(Path(get_default_build_root()).glob("*/*/lock"))
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """Processes on this machine with the lock file open: the build that created it keeps it open."""
+    holders, target = [], os.path.realpath(lock)
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == target:
+                holders.append(int(fd.parts[2]))
+        except OSError:
+            continue  # another user's process, or one that just ended
+    return sorted(set(holders))
+
+
+@contextlib.contextmanager
+def ops_build_watchdog():
+    """Warn once, from each node's first rank, if the block still runs after OPS_BUILD_WARN_AFTER_S
+    while an op build lock exists, naming the lock and how to clear it."""
+    done, after_s = threading.Event(), OPS_BUILD_WARN_AFTER_S
+
+    def watch():
+        if done.wait(after_s):
+            return
+        for lock in extension_build_locks():
+            holders = lock_holders(lock)
+            state = (f"held by process {', '.join(map(str, holders))} on this machine: a build is running, let it "
+                     f"finish" if holders else
+                     f"held by no process on this machine: unless a build runs on another machine sharing this "
+                     f"folder, a killed build left it behind; delete it (rm {lock}) and the run goes on")
+            print(f"warning: DeepSpeed has waited {after_s:.0f} s for a compiled op; build lock {lock} is {state}. "
+                  f"(`bash scripts/setup.sh` builds the ops ahead of any run.)", file=sys.stderr, flush=True)
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the ranks of a node wait on the same lock
+        threading.Thread(target=watch, name="ops-build-watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
