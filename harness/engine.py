@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import sys
 import threading
 from datetime import timedelta
@@ -24,6 +26,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed  # noqa: E402  (must follow the accelerator choice above)
 
 from harness import dist  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
 from harness.throughput import NULL_TIMER  # noqa: E402
 
@@ -139,8 +142,9 @@ class Engine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load_state(self, folder: Path) -> None:
-        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with weights_only_loading(folder):
+            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
@@ -149,10 +153,21 @@ class Engine:
         """DeepSpeed's universal checkpoint: state re-sliced per parameter, loadable on any world size."""
         import subprocess
 
-        # ds_to_universal is a script with its own worker pools; run it as DeepSpeed documents it.
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
-                        "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                        "--inject_missing_state"], check=True, capture_output=True, text=True)
+        # ds_to_universal is a script with its own worker pools: it runs in its own process, as
+        # DeepSpeed documents it, but through universal_conversion_main so that it loads weights-only.
+        # The harness may run from a checkout without being installed: the child must find it too.
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        child = "import sys; from harness import engine; sys.exit(engine.universal_conversion_main())"
+        proc = subprocess.run(
+            [sys.executable, "-c", child, "--input_folder", str(ds_folder), "--output_folder", str(out),
+             "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+        if proc.returncode == 2:  # our own error line (a refused file), not a crash
+            raise HarnessError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {ds_folder} to DeepSpeed's universal checkpoint failed:\n"
+                               f"{proc.stderr[-4000:]}")
 
     def last_grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
@@ -212,15 +227,18 @@ def consolidate_checkpoint(ds_folder: Path, out: Path, dtype: torch.dtype, max_s
     """
     from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict
 
-    convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
-                                          safe_serialization=True, tag=ds_folder.name)
+    with weights_only_loading(ds_folder):
+        convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype,
+                                              max_shard_size=max_shard_size, safe_serialization=True,
+                                              tag=ds_folder.name)
 
 
 def lazy_checkpoint_tensors(ds_folder: Path) -> dict:
     """Name -> lazily materialised fp32 tensor (call .contiguous()) of a DeepSpeed checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
+    with weights_only_loading(ds_folder):  # lazy tensors are memory-mapped: all unpickling happens here
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
 
 
 def quiet_libraries() -> None:
@@ -230,6 +248,7 @@ def quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
 
 # -- DeepSpeed's compiled ops -----------------------------------------------------------------------
 # DeepSpeed JIT-compiles its C++ ops on first use (torch.utils.cpp_extension), each build holding
@@ -302,3 +321,65 @@ def ops_build_watchdog():
     finally:
         done.set()
 
+
+# -- safe loading -----------------------------------------------------------------------------------
+# DeepSpeed reads its checkpoint files with torch.load(weights_only=False): unpickling a crafted
+# file runs whatever code it names. Inside weights_only_loading every torch.load is weights-only
+# (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides the argument DeepSpeed passes), with exactly the
+# non-tensor classes DeepSpeed's own ZeRO-2/3 state holds allowed besides torch's defaults.
+
+def deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into ZeRO-2/3 optimizer-state files (the GLOBAL opcodes of
+    every .pt file it writes, bf16/fp32, offload, LoRA and universal included; model-state files
+    hold only dicts, lists, OrderedDict and tensors, all allowed by default)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading(folder: Path):
+    """Every torch.load inside is weights-only; a file that needs more is refused, by name."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        # torch raises this from inside torch.load, whose frame still holds the file it was reading.
+        tb, path = err.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code is torch.serialization.load.__code__:
+                path = tb.tb_frame.f_locals.get("f")
+            tb = tb.tb_next
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        last_line = str(err).strip().splitlines()[-1]
+        needs = found.group(1) if found else f"what weights-only loading refuses ({last_line})"
+        why = (f"this DeepSpeed version stores {needs} in its state: if that class is data, add it to "
+               f"engine.deepspeed_state_classes" if needs.startswith("deepspeed.") else
+               "a checkpoint this harness wrote never does: the file was altered or comes from elsewhere, "
+               "and loading it could run code")
+        raise HarnessError(f"refusing to load {path or f'a file in {folder}'}: unpickling it needs {needs}, which is "
+                           f"neither a tensor nor DeepSpeed's checkpoint state; {why}") from None
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def universal_conversion_main() -> int:
+    """`python -m deepspeed.checkpoint.ds_to_universal ARGS` with weights-only loading: the child
+    process of Engine.convert_to_universal. 2, with an `error:` line, when a file is refused."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = ds_to_universal.parse_arguments()  # from sys.argv, as the script does
+    try:
+        with weights_only_loading(Path(args.input_folder)):
+            ds_to_universal.main(args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
