@@ -457,6 +457,7 @@ def train_loop(plan: Plan, info: dist.DistInfo) -> RunResult:
         if stop_votes > 0:
             if last_saved is None or last_saved.name != f"step-{step + 1}":
                 last_saved = save(step + 1)
+            checkpoint.mark_requeue(out, last_saved, info)
             logger.write(f"stop requested by signal: saved {last_saved}; exiting with {checkpoint.EXIT_REQUEUE} "
                          f"(resume with --resume auto)")
             logger.close()
