@@ -13,9 +13,13 @@ by launch/evaluate.py. Module-level functions cover the rest: process-group star
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
+import re
 import subprocess
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,13 +33,20 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import datasets  # noqa: E402
 import deepspeed  # noqa: E402
 import transformers  # noqa: E402
+from deepspeed.checkpoint import ds_to_universal  # noqa: E402
+from deepspeed.comm.torch import build_shm_op  # noqa: E402
+from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs  # noqa: E402
-from deepspeed.utils.zero_to_fp32 import (convert_zero_checkpoint_to_state_dict,  # noqa: E402
-                                          get_fp32_state_dict_from_zero_checkpoint)
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict, get_fp32_state_dict_from_zero_checkpoint  # noqa: E402
+from torch.utils.cpp_extension import get_default_build_root  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from harness import dist  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
 from harness.throughput import NULL_TIMER  # noqa: E402
 
@@ -43,8 +54,9 @@ from harness.throughput import NULL_TIMER  # noqa: E402
 def init_distributed(timeout_s: int = 1800) -> dist.DistInfo:
     dist.ensure_launcher_env()
     quiet_libraries()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=timedelta(seconds=timeout_s))
+    with ops_build_watchdog():  # on CPU this builds DeepSpeed's shared-memory comm op on first use
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=timeout_s))
     return dist.info()
 
 
@@ -73,18 +85,19 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 class Engine:
     def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0):
         self.chunked_ce = chunked_ce
-        if lr_lambda is None:
-            # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
-            # gathers each layer for its forward, which is what lets a large model be evaluated.
-            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=ds_config)
-        else:
-            params = [p for p in model.parameters() if p.requires_grad]
-            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model,
-                model_parameters=params,
-                config=ds_config,
-                lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
-            )
+        with ops_build_watchdog():  # FusedAdam / DeepSpeedCPUAdam are compiled on first use
+            if lr_lambda is None:
+                # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
+                # gathers each layer for its forward, which is what lets a large model be evaluated.
+                self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, config=ds_config)
+            else:
+                params = [p for p in model.parameters() if p.requires_grad]
+                self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                    model=model,
+                    model_parameters=params,
+                    config=ds_config,
+                    lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+                )
         self.world_size = self.ds.world_size
         self.zero_stage = self.ds.zero_optimization_stage()
 
@@ -148,18 +161,30 @@ class Engine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load_state(self, folder: Path) -> None:
-        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with weights_only_loading(folder):
+            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
     @staticmethod
     def convert_to_universal(ds_folder: Path, out: Path) -> None:
         """DeepSpeed's universal checkpoint: state re-sliced per parameter, loadable on any world size."""
-        # ds_to_universal is a script with its own worker pools; run it as DeepSpeed documents it.
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ds_folder),
-                        "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                        "--inject_missing_state"], check=True, capture_output=True, text=True)
+        # ds_to_universal is a script with its own worker pools: it runs in its own process, as
+        # DeepSpeed documents it, but through universal_conversion_main so that it loads weights-only.
+        # The harness may run from a checkout without being installed: the child must find it too.
+        root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        child = "from harness import engine; raise SystemExit(engine.universal_conversion_main())"  # the child's entry point
+        proc = subprocess.run(
+            [sys.executable, "-c", child, "--input_folder", str(ds_folder), "--output_folder", str(out),
+             "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+            env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True)
+        if proc.returncode == 2:  # our own error line (a refused file), not a crash
+            raise HarnessError(proc.stderr.strip().splitlines()[-1].removeprefix("error: "))
+        if proc.returncode != 0:
+            raise RuntimeError(f"converting {ds_folder} to DeepSpeed's universal checkpoint failed:\n"
+                               f"{proc.stderr[-4000:]}")
 
     def last_grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()
@@ -217,13 +242,16 @@ def consolidate_checkpoint(ds_folder: Path, out: Path, dtype: torch.dtype, max_s
     DeepSpeed's converter reads the per-rank shards memory-mapped and materialises one output
     shard at a time, so memory stays near one shard beyond what the OS pages in.
     """
-    convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype, max_shard_size=max_shard_size,
-                                          safe_serialization=True, tag=ds_folder.name)
+    with weights_only_loading(ds_folder):
+        convert_zero_checkpoint_to_state_dict(str(ds_folder.parent), str(out), dtype=dtype,
+                                              max_shard_size=max_shard_size, safe_serialization=True,
+                                              tag=ds_folder.name)
 
 
 def lazy_checkpoint_tensors(ds_folder: Path) -> dict:
     """Name -> lazily materialised fp32 tensor (call .contiguous()) of a DeepSpeed checkpoint."""
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
+    with weights_only_loading(ds_folder):  # lazy tensors are memory-mapped: all unpickling happens here
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder.parent), tag=ds_folder.name, lazy_mode=True)
 
 
 def zero_model_states_bytes(stage: int, offload: bool, total_params: int, largest_layer_params: int,
@@ -244,3 +272,130 @@ def quiet_libraries() -> None:
     """Per-file progress bars from datasets/transformers drown the harness's own progress bar."""
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+
+
+# -- DeepSpeed's compiled ops -----------------------------------------------------------------------
+# DeepSpeed JIT-compiles its C++ ops on first use (torch.utils.cpp_extension), each build holding
+# `<extensions folder>/<op>/lock`. A build that is killed leaves that lock behind, and every later
+# run then waits on it forever without a word (torch's FileBaton.wait). scripts/setup.sh builds
+# the ops once (build_ops); the watchdog names a lock that still holds a run up.
+OPS_BUILD_WARN_AFTER_S = 30.0
+
+
+def build_ops() -> None:
+    """Compile the ops a run would otherwise compile on first use, the way DeepSpeed loads them."""
+
+    build_shm_op()  # the CPU accelerator's shared-memory all-reduce, built inside every init_distributed
+    optional = [(CPUAdamBuilder, "an *_offload config (DeepSpeedCPUAdam)")]
+    if torch.cuda.is_available():
+        optional.append((FusedAdamBuilder, "the zero2/zero3 configs on GPUs (FusedAdam)"))
+    for builder, used_by in optional:
+        try:
+            builder().load()
+        except Exception as err:  # report and go on: setup must not fail for what only some runs use
+            print(f"warning: could not build the op for {used_by}: {err}; such runs will try again at their "
+                  f"start", file=sys.stderr)
+
+
+def extension_build_locks() -> list[Path]:
+    """Lock files of op builds in progress, or left by builds that were killed."""
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    # Default layout: <cache>/torch_extensions/py311_cpu/<op>/lock; TORCH_EXTENSIONS_DIR/<op>/lock.
+    return sorted(Path(root).glob("*/lock")) if root else sorted(Path(get_default_build_root()).glob("*/*/lock"))
+
+
+def lock_holders(lock: Path) -> list[int]:
+    """Processes on this machine with the lock file open: the build that created it keeps it open."""
+    holders, target = [], os.path.realpath(lock)
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == target:
+                holders.append(int(fd.parts[2]))
+        except OSError:
+            continue  # another user's process, or one that just ended
+    return sorted(set(holders))
+
+
+@contextlib.contextmanager
+def ops_build_watchdog():
+    """Warn once, from each node's first rank, if the block still runs after OPS_BUILD_WARN_AFTER_S
+    while an op build lock exists, naming the lock and how to clear it."""
+    done, after_s = threading.Event(), OPS_BUILD_WARN_AFTER_S
+
+    def watch():
+        if done.wait(after_s):
+            return
+        for lock in extension_build_locks():
+            holders = lock_holders(lock)
+            state = (f"held by process {', '.join(map(str, holders))} on this machine: a build is running, let it "
+                     f"finish" if holders else
+                     f"held by no process on this machine: unless a build runs on another machine sharing this "
+                     f"folder, a killed build left it behind; delete it (rm {lock}) and the run goes on")
+            print(f"warning: DeepSpeed has waited {after_s:.0f} s for a compiled op; build lock {lock} is {state}. "
+                  f"(`bash scripts/setup.sh` builds the ops ahead of any run.)", file=sys.stderr, flush=True)
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the ranks of a node wait on the same lock
+        threading.Thread(target=watch, name="ops-build-watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+# -- safe loading -----------------------------------------------------------------------------------
+# DeepSpeed reads its checkpoint files with torch.load(weights_only=False): unpickling a crafted
+# file runs whatever code it names. Inside weights_only_loading every torch.load is weights-only
+# (TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides the argument DeepSpeed passes), with exactly the
+# non-tensor classes DeepSpeed's own ZeRO-2/3 state holds allowed besides torch's defaults.
+
+def deepspeed_state_classes() -> list:
+    """The classes DeepSpeed pickles into ZeRO-2/3 optimizer-state files (the GLOBAL opcodes of
+    every .pt file it writes, bf16/fp32, offload, LoRA and universal included; model-state files
+    hold only dicts, lists, OrderedDict and tensors, all allowed by default)."""
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading(folder: Path):
+    """Every torch.load inside is weights-only; a file that needs more is refused, by name."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_state_classes()):
+            yield
+    except pickle.UnpicklingError as err:
+        # torch raises this from inside torch.load, whose frame still holds the file it was reading.
+        tb, path = err.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code is torch.serialization.load.__code__:
+                path = tb.tb_frame.f_locals.get("f")
+            tb = tb.tb_next
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        last_line = str(err).strip().splitlines()[-1]
+        needs = found.group(1) if found else f"what weights-only loading refuses ({last_line})"
+        why = (f"this DeepSpeed version stores {needs} in its state: if that class is data, add it to "
+               f"engine.deepspeed_state_classes" if needs.startswith("deepspeed.") else
+               "a checkpoint this harness wrote never does: the file was altered or comes from elsewhere, "
+               "and loading it could run code")
+        raise HarnessError(f"refusing to load {path or f'a file in {folder}'}: unpickling it needs {needs}, which is "
+                           f"neither a tensor nor DeepSpeed's checkpoint state; {why}") from None
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def universal_conversion_main() -> int:
+    """`python -m deepspeed.checkpoint.ds_to_universal ARGS` with weights-only loading: the child
+    process of Engine.convert_to_universal. 2, with an `error:` line, when a file is refused."""
+
+    args = ds_to_universal.parse_arguments()  # from sys.argv, as the script does
+    try:
+        with weights_only_loading(Path(args.input_folder)):
+            ds_to_universal.main(args)
+    except HarnessError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from harness import checkpoint, dist, evaluation, export, model as model_mod, rundir
+from harness import checkpoint, dist, evaluation, export, rundir
+from harness import model as model_mod
 from harness.config import TrainConfig
 from harness.engine import Engine, Zero3LoadContext, init_distributed
 from harness.errors import CollectiveTimeout, RequeueRequested, TrainingAborted
@@ -162,6 +163,8 @@ def train(setup: TrainSetup, info: dist.DistInfo) -> RunResult:
             if stop_votes > 0:
                 if last_saved != step:
                     save(step)
+                # The batch script requeues on this marker: srun's exit status can be lost to another node's teardown.
+                checkpoint.mark_requeue(out, out / "checkpoints" / f"step-{step}", info)
                 message = (f"stop requested by signal: saved {out / 'checkpoints' / f'step-{step}'}; exiting with "
                            f"{RequeueRequested.exit_code} (resume with --resume auto)")
                 logger.write(message)
