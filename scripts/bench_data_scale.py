@@ -116,6 +116,11 @@ def llama_tokenizer_dir(model_file: str, work_dir: Path) -> str:
     return str(folder)
 
 
+def as_list(value) -> list:
+    """python-fire reads `a,b` as a tuple and `a` as a scalar."""
+    return list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+
+
 def main(rows: str = "10000,100000,1000000", work: str = "bench_scale", out: str = "data_scale.json",
          launchers: str = "python,torchrun", tokenize_rows: int = 100000, llama_tokenizer: str = "",
          skip_runs: bool = False):
@@ -126,7 +131,7 @@ def main(rows: str = "10000,100000,1000000", work: str = "bench_scale", out: str
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
-    sizes = [int(n) for n in str(rows).split(",")]
+    sizes = [int(n) for n in as_list(rows)]
     results = {"load_before": os.getloadavg(), "steps": STEPS, "runs": [], "tokenize_rows_per_s": {}}
 
     if skip_runs:
@@ -140,7 +145,7 @@ def main(rows: str = "10000,100000,1000000", work: str = "bench_scale", out: str
     for n in sizes:
         path = work_dir / f"rows-{n}.jsonl"
         generate(path, n)
-        for launcher in str(launchers).split(","):
+        for launcher in as_list(launchers):
             cache, hf_cache = work_dir / f"cache-{n}-{launcher}", work_dir / f"hf-{n}-{launcher}"
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(hf_cache, ignore_errors=True)
