@@ -74,10 +74,10 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def examples_of(rows: list[data.TokenizedRow], paths: list[str], task: ModuleType, cfg, template: str) -> list[Example]:
-    """The task examples (prompts and references, for metrics) behind some tokenized rows, e.g.
-    the rows --eval_split held out of --data."""
-    wanted = {(r.source, r.row) for r in rows}
+def examples_of(origins: list[tuple[int, int]], paths: list[str], task: ModuleType, cfg, template: str) -> list[Example]:
+    """The task examples (prompts and references, for metrics) of some (source, row) origins, e.g.
+    the rows --eval_split held out of --data (`data.TokenizedRows.origin`)."""
+    wanted = set(origins)
     found = []
     for source, path in enumerate(paths):
         if any(s == source for s, _ in wanted):

@@ -42,7 +42,7 @@ class TrainSetup:
     total_steps: int
     sampler: data.StepSampler
     batches: StepBatches  # step -> this rank's micro-batches, padded or packed
-    train_rows: list[data.TokenizedRow]
+    train_rows: data.TokenizedRows  # memory-mapped tokens, index arrays (harness.data)
     tokenizer: object
     eval_set: evaluation.EvalSet | None
     metric_for_best: str  # "eval/<name>", picks best/ and drives early stopping
@@ -113,32 +113,39 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     template = load_template(cfg.template)
     nonce = nonce or dist.shared_nonce()
 
-    def load(path: str, what: str) -> tuple[list[data.TokenizedRow], data.TokenizeStats, bool]:
+    def load(i: int, path: str, what: str) -> tuple[data.TokenizedRows, data.TokenizeStats, bool]:
         tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
                                               cfg.num_proc, info.local_rank, nonce, what)
-        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id)
+        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id, source=i,
+                                             digest=data_cache.recorded_digest(tokenized))
         data.check_supervised(stats, f"{what} {path}")
         return rows, stats, hit
 
     sources = data.parse_data_spec(data_path)
-    loaded = [load(path, "--data") for path, _ in sources]
-    for i, (rows, _, _) in enumerate(loaded):
-        for r in rows:
-            r.source = i
-    train_rows, in_mix = data.mix([rows for rows, _, _ in loaded], [w for _, w in sources], cfg.seed)
+    loaded = [load(i, path, "--data") for i, (path, _) in enumerate(sources)]
+    train_parts = [rows for rows, _, _ in loaded]
+    held_out = [0] * len(sources)
     eval_examples = []
     if eval_path:
         eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
     elif cfg.eval_split:
-        train_rows, held = evaluation.split(train_rows, cfg.eval_split, cfg.seed)
-        eval_examples = evaluation.examples_of(held, [path for path, _ in sources], task, cfg, template)
+        # Per source, before mixing: an up-sampled source repeats rows, and a row held out must
+        # not come back into training as its own copy.
+        splits = [data.split_rows(rows, cfg.eval_split, cfg.seed, i, f"--data {path}")
+                  for i, (rows, (path, _)) in enumerate(zip(train_parts, sources))]
+        train_parts = [train for train, _ in splits]
+        held = data.TokenizedRows.concat([h for _, h in splits])
+        held_out = [len(h) for _, h in splits]
+        eval_examples = evaluation.examples_of([held.origin(i) for i in range(len(held))],
+                                               [path for path, _ in sources], task, cfg, template)
+    train_rows, in_mix = data.mix(train_parts, [w for _, w in sources], cfg.seed)
     eval_set = evaluation.prepare(task, eval_examples, cfg, tokenizer, seq_len) if eval_examples else None
     metric, greater_is_better = evaluation.metric_for_best(task, cfg, eval_set is not None)
 
     # Steps: the batch arithmetic, which rows each step holds, how long the run is.
     batch = BatchSizes(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
-                               batch.world_size, cfg.seed, lengths=[len(r.input_ids) for r in train_rows],
+                               batch.world_size, cfg.seed, lengths=train_rows.lengths,
                                group_by_length=cfg.group_by_length)
     batches = StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
@@ -164,8 +171,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
             **fingerprints, "zero_stage": ds_config.zero_stage(filled), "world_size": info.world_size,
             "global_batch_size": batch.global_batch_size, "seed": cfg.seed})
 
-    data_report = report.build([report.SourceReport(path, weight, stats, n, hit)
-                                for (path, weight), (_, stats, hit), n in zip(sources, loaded, in_mix)],
+    data_report = report.build([report.SourceReport(path, weight, stats, n, hit, held)
+                                for (path, weight), (_, stats, hit), n, held in zip(sources, loaded, in_mix, held_out)],
                                tokenizer, batches, min(total, sampler.steps_per_epoch), seq_len)
     dist.print0(report.summary(data_report))
     stats = [s for _, s, _ in loaded]
