@@ -100,6 +100,15 @@ def fill(raw: dict, cfg: TrainConfig, batch: BatchSizes, dtype: str, on_cpu: boo
         section = ds.setdefault(name, {})
         put(section, "enabled", dtype == name, f"--dtype {dtype}", f"{name}.enabled")
 
+    if dtype == "bf16" and zero_stage(ds) >= 1:
+        # DeepSpeed accumulates micro-batch gradients in the model's dtype unless told otherwise;
+        # bf16 keeps 8 bits of mantissa, so summing grad_accum_steps micro-batches there loses the
+        # small ones. The fp32 buffers take 4 bytes per accumulated gradient element instead of 2
+        # (ZeRO-2/3 hold only their partition). A user's explicit value is kept.
+        types = ds.setdefault("data_types", {})
+        if types.get("grad_accum_dtype", AUTO) == AUTO:
+            types["grad_accum_dtype"] = "fp32"
+
     if "scheduler" in ds:
         errors.append(f"{source} has a \"scheduler\" block; the LR schedule comes from --lr_schedule, "
                       f"--warmup_steps/--warmup_ratio and --min_lr_ratio: remove the block")

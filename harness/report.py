@@ -65,7 +65,7 @@ def layout_entry(batches: StepBatches, steps: int, seq_len: int) -> dict:
         step_real, step_slots = batches.slots(step)
         real, slots = real + step_real, slots + step_slots
         rows = batches.sampler.step_rows(step)
-        supervised += sum(batches.rows[i].supervised for i in rows)
+        supervised += int(batches.rows.supervised[rows].sum())
         if batches.packing:
             bins += sum(len(m) for rank in batches.layout(step) for m in rank)
     entry = {
