@@ -20,6 +20,7 @@ invisible to the patch; the CUDA test below catches those with torch's sync debu
 """
 
 import collections
+import json
 import sys
 import threading
 import warnings
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 from conftest import parity_flags
-from harness import dist
+from harness import dist, ds_config
 from harness.config import TrainConfig
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero", "numpy", "cpu")
@@ -122,8 +123,13 @@ def test_no_hidden_synchronisation_on_the_gpu(tiny_model, parity_data, tmp_path,
 
     monkeypatch.setattr(dist, "heartbeat", beat)
     syncs: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+    # torch's fused AdamW through DeepSpeed: no FusedAdam build, and no host-side step counter.
+    raw = ds_config.load("zero2")
+    raw["optimizer"]["params"].update(torch_adam=True, fused=True)
+    (tmp_path / "zero2.json").write_text(json.dumps(raw))
     flags = parity_flags(tiny_model, parity_data, tmp_path / "run", dtype="bf16", packing=True, chunked_ce=16,
-                         micro_batch_size=2, grad_accum_steps=2, log_every=2, max_steps=5)
+                         micro_batch_size=2, grad_accum_steps=2, log_every=2, max_steps=5,
+                         ds_config=str(tmp_path / "zero2.json"))
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
             syncs[current["step"]][(origin(filename), f"{filename}:{lineno}")] += 1
