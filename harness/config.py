@@ -114,21 +114,21 @@ class TrainConfig:
     seq_len: int = flag(0, "Maximum tokens per row (prompt + target); longer rows are truncated, prompt first. 0: min(2048, the model's maximum).")
 
     # Data pipeline
-    packing: bool = flag(True, "Pack each step's samples into rows of up to seq_len tokens (best-fit decreasing); no token attends across samples. micro_batch_size then counts samples, not rows.")
+    packing: bool = flag(True, "Pack each step's samples into bins of up to seq_len tokens (best-fit decreasing), each micro-batch's bins into one unpadded row; no token attends across samples on any kernel. micro_batch_size then counts samples, not rows.")
     group_by_length: int = flag(0, "Unpacked path only (--packing False): sort rows by length within windows of N global batches so micro-batches pad less; 0: off.")
     num_proc: int = flag(0, "Processes that tokenize (datasets.map num_proc); 0: 1 for small data, else one per core up to 8.")
     data_cache: str = flag("", "Folder for tokenized data cached by content (data, tokenizer, template, task, masking, seq_len, version). Empty: $HARNESS_CACHE/tokenized or ~/.cache/llm-ft-harness/tokenized.")
 
     # Model execution, continued.
     dtype: str = flag("auto", "Training precision: auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.")
-    attn: str = flag("auto", "Attention kernel: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager.")
+    attn: str = flag("auto", "Attention kernel of padded batches, evaluation and generation: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager. Packed rows always use the varlen kernels of harness/attention.py.")
     grad_ckpt: bool = flag(False, "Non-reentrant activation checkpointing: less memory, ~1/3 more compute.")
 
     # Bookkeeping.
     seed: int = flag(42, "Seed for data order and every RNG.")
     log_every: int = flag(1, "Write metrics every N optimizer steps.")
     # Throughput accounting
-    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
+    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of about N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
     eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
     # Evaluation and LoRA
     eval_split: float = flag(0.0, "Hold out this seeded fraction of --data for evaluation when --eval_data is empty (0: none).")

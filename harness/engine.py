@@ -14,6 +14,7 @@ by launch/evaluate.py. Module-level functions cover the rest: process-group star
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import pickle
 import re
@@ -45,9 +46,10 @@ from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_state_dict, 
 from torch.utils.cpp_extension import get_default_build_root  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
-from harness import dist  # noqa: E402
+from harness import attention, dist  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.loss import chunked_token_loss_sum, sequence_log_likelihood, token_loss_sum  # noqa: E402
+from harness.loss import (chunked_token_loss_sum, loss_index, selected_token_loss_sum,  # noqa: E402
+                          sequence_log_likelihood, token_loss_sum)
 from harness.throughput import NULL_TIMER  # noqa: E402
 
 
@@ -73,18 +75,36 @@ class Zero3LoadContext:
         self._hf_config = None
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+def model_inputs(batch: dict) -> dict:
     """The model's keyword arguments for a padded or a packed batch (tests call the same)."""
-    if "position_ids" in batch:
-        # Packed rows (harness.packing): the position ids alone delimit the samples; a 2D
-        # mask, or a KV cache, would make transformers attend across them.
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "cu_seq_lens" in batch:
+        # One flattened packed row (harness.packing): the boundaries computed on the host go
+        # straight to harness.attention's kernels; no mask, no KV cache.
+        cu, longest = batch["cu_seq_lens"], batch["max_length"]
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+                "packed_seq_lens": batch["seq_lens"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device without waiting for the copy (pinned host memory makes it truly
+    asynchronous on a GPU); host values (lengths) stay as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class Engine:
-    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0):
-        self.chunked_ce = chunked_ce
+    def __init__(self, model: torch.nn.Module, ds_config: dict, lr_lambda=None, chunked_ce: int = 0,
+                 ce_chunks: int = 0):
+        # --chunked_ce: training forwards split their targets into `ce_chunks` chunks, a fixed
+        # count (harness.loss.chunked_token_loss_sum says why); evaluation into chunks of chunked_ce.
+        self.chunked_ce, self.ce_chunks = chunked_ce, ce_chunks
+        # The kernel the model was loaded with serves every batch that is not a packed row.
+        self.base_attn = model.config._attn_implementation
+        # transformers' causal LMs take `logits_to_keep` (an int, or the positions to keep).
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
+        self.packed_checked = False
         with ops_build_watchdog():  # FusedAdam / DeepSpeedCPUAdam are compiled on first use
             if lr_lambda is None:
                 # Inference: no optimizer; under ZeRO-3 the engine still partitions the weights and
@@ -105,28 +125,56 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.ds.module
 
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
     def train(self) -> None:
         self.ds.train()
 
-    def forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        batch = {k: v.to(self.ds.device) for k, v in batch.items()}
+    def forward_loss_sum(self, batch: dict) -> torch.Tensor:
+        """The micro-batch's loss sum, left on the device."""
+        packed = "cu_seq_lens" in batch
+        attention.use_packed(self.ds.module, packed, self.base_attn)
+        if self.chunked_ce and "loss_index" not in batch:
+            batch = {**batch, "loss_index": loss_index(batch["labels"])}  # evaluation batches: host tensors
+        batch = to_device(batch, self.ds.device)
+        calls = sum(attention.kernels_run.values())
         if self.chunked_ce:
             # logits_to_keep=1: the model's own head runs on one position only; the loss applies
             # the same head (DeepSpeed's hooks gather it under ZeRO-3) chunk by chunk.
             out = self.ds(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
-            return chunked_token_loss_sum(out.hidden_states[-1], self.ds.module.get_output_embeddings(),
-                                          batch["labels"], self.chunked_ce)
-        logits = self.ds(**model_inputs(batch)).logits
-        return token_loss_sum(logits, batch["labels"])
+            loss_sum = chunked_token_loss_sum(out.hidden_states[-1], self.ds.module.get_output_embeddings(),
+                                              batch["labels"], self.chunked_ce, batch["loss_index"],
+                                              self.ce_chunks if torch.is_grad_enabled() else 0)
+        elif packed and self.keeps_logits:
+            # One flat row: the model's head runs only on the positions whose next token is a
+            # target (host-known), so prompt positions cost no head FLOPs and hold no logits.
+            logits = self.ds(**model_inputs(batch), logits_to_keep=batch["loss_index"]).logits
+            loss_sum = selected_token_loss_sum(logits, batch["labels"], batch["loss_index"])
+        else:
+            loss_sum = token_loss_sum(self.ds(**model_inputs(batch)).logits, batch["labels"])
+        if packed and not self.packed_checked:
+            self.check_packed_attention(calls)
+        return loss_sum
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], step_tokens: float, timer=NULL_TIMER) -> torch.Tensor:
-        """Forward and backward one micro-batch; return its (unnormalised) loss sum, detached.
+    def check_packed_attention(self, calls_before: int) -> None:
+        """A model whose attention does not go through transformers' AttentionInterface would
+        ignore the packed boundaries and attend across samples: stop at its first packed forward."""
+        if sum(attention.kernels_run.values()) == calls_before:
+            raise HarnessError(f"--packing: {type(self.ds.module).__name__} does not route attention through "
+                               f"transformers' AttentionInterface, so packed samples would attend to each other; "
+                               f"use --packing False")
+        self.packed_checked = True
+
+    def forward_backward(self, batch: dict, step_tokens: int, timer=NULL_TIMER) -> torch.Tensor:
+        """Forward and backward one micro-batch; return its (unnormalised) loss sum, detached, on the device.
 
         DeepSpeed averages gradients over ranks; we do not let it divide by the accumulation
         steps (scale_wrt_gas=False) and instead scale each micro-batch's loss sum by
         world_size / step_tokens, where step_tokens counts the supervised tokens of the whole
-        optimizer step on all ranks. The accumulated gradient is then exactly the gradient of
-        the token-weighted step loss.
+        optimizer step on all ranks (known on the host from the data). The accumulated gradient
+        is then exactly the gradient of the token-weighted step loss.
 
         `timer` (harness.throughput.StepTimer) brackets forward and backward.
         """
@@ -186,9 +234,10 @@ class Engine:
             raise RuntimeError(f"converting {ds_folder} to DeepSpeed's universal checkpoint failed:\n"
                                f"{proc.stderr[-4000:]}")
 
-    def last_grad_norm(self) -> float | None:
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+    def last_grad_norm(self) -> torch.Tensor | float | None:
+        """The last step's global gradient norm as DeepSpeed keeps it: a device tensor (ZeRO-2/3 on a
+        GPU), a float, or None; the loop reads it together with the loss (one read)."""
+        return self.ds.get_global_grad_norm()
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
@@ -203,6 +252,7 @@ class Engine:
     @torch.no_grad()
     def sequence_log_likelihood(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per row: the summed log-probability of its supervised tokens (label scoring), on the CPU."""
+        attention.use_packed(self.ds.module, False, self.base_attn)
         batch = {k: v.to(self.ds.device) for k, v in batch.items()}
         logits = self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return sequence_log_likelihood(logits, batch["labels"]).cpu()
@@ -216,6 +266,7 @@ class Engine:
         rows have all stopped must keep stepping until every rank is done: synced_gpus.
         """
         synced = self.zero_stage == 3 and self.world_size > 1
+        attention.use_packed(self.ds.module, False, self.base_attn)
         out = self.ds.module.generate(
             input_ids=input_ids.to(self.ds.device), attention_mask=attention_mask.to(self.ds.device),
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import (__version__, checkpoint, data, data_cache, default_assets, dist, ds_config, evaluation,
+from harness import (__version__, attention, checkpoint, data, data_cache, default_assets, dist, ds_config, evaluation,
                      memory_plan, model as model_mod, report, rundir, tasks)
 from harness.batches import StepBatches
 from harness.config import TrainConfig
@@ -37,6 +37,7 @@ class TrainSetup:
     seq_len: int
     dtype: str
     attn: str  # the kernel asked for; train.run records the one transformers installed
+    attn_kernel: str | None  # the kernel packed rows run on (harness.attention); None when unpacked
     batch: BatchSizes
     ds_config: dict  # every "auto" filled from the flags
     total_steps: int
@@ -68,6 +69,7 @@ class TrainSetup:
                 "seq_len": self.seq_len,
                 "dtype": self.dtype,
                 "attn_implementation": self.attn,
+                "attn_kernel": self.attn_kernel,
                 "world_size": self.batch.world_size,
                 "global_batch_size": self.batch.global_batch_size,
                 "total_steps": self.total_steps,
@@ -101,6 +103,10 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
     dtype = model_mod.resolve_dtype(cfg.dtype, info.device)
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
+    attn_kernel = None
+    if cfg.packing:
+        attention.check_model(model_config, seq_len)
+        attn_kernel = attention.kernel_for(info.device, model_mod.DTYPES[dtype])
     tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
     ds_name = auto_ds_config(model_path, info, cfg, seq_len) if cfg.ds_config == "auto" else cfg.ds_config
     raw_ds = ds_config.load(ds_name)
@@ -178,7 +184,7 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     stats = [s for _, s, _ in loaded]
     return TrainSetup(
         cfg=cfg, model_path=model_path, data_path=data_path, eval_data_path=eval_path, seq_len=seq_len, dtype=dtype,
-        attn=attn, batch=batch, ds_config=filled, total_steps=total, sampler=sampler, batches=batches,
+        attn=attn, attn_kernel=attn_kernel, batch=batch, ds_config=filled, total_steps=total, sampler=sampler, batches=batches,
         train_rows=train_rows, tokenizer=tokenizer, eval_set=eval_set, metric_for_best=metric,
         greater_is_better=greater_is_better,
         stats={"rows": sum(s.rows for s in stats), "prompt_truncated": sum(s.prompt_truncated for s in stats),

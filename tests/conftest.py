@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -21,7 +22,10 @@ LAUNCHER_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():
+    # DeepSpeed would pick the CPU accelerator anyway, with a warning per process; on a GPU machine
+    # it must pick CUDA, or the cuda-marked tests would train on the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # DeepSpeed's ops are compiled once by scripts/setup.sh into the default extensions folder, which
 # the tests use as every run does (a folder of the tests' own would compile them again).
 
