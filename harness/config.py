@@ -344,29 +344,37 @@ PlanConfig = derive_config(
 )
 
 
+BENCH_BASELINES = ("trainer", "trl")
+
+
 def _bench_errors(cfg) -> list[str]:
     errors = [f"--{n} must be >= 1, got {getattr(cfg, n)}" for n in ("max_steps", "seq_len", "repeats")
               if getattr(cfg, n) < 1]
+    names = [s.strip() for s in cfg.baselines.split(",") if s.strip()]
+    if cfg.baselines != "auto" and (not names or set(names) - set(BENCH_BASELINES) or len(set(names)) < len(names)):
+        errors.append(f"--baselines {cfg.baselines!r}: auto, or a comma-separated list of {', '.join(BENCH_BASELINES)}")
     return errors + ([] if cfg.dtype in ("fp32", "bf16") else [f"--dtype must be fp32 or bf16, got {cfg.dtype!r}"])
 
 
-# launch/benchmark.py: one side is this harness trained with these flags, the other
-# transformers.Trainer on the same rows.
+# launch/benchmark.py: one side is this harness trained with these flags, the others
+# transformers.Trainer and TRL's SFTTrainer on the same rows.
 BenchConfig = derive_config(
     "BenchConfig",
-    own=[("repeats", int, flag(2, "Runs per side, alternating which goes first.")),
+    own=[("baselines", str, flag("auto", "Sides run beside the harness: trainer, trl, or both comma-separated; auto: the Trainer, plus TRL's SFTTrainer when trl is installed.")),
+         ("baseline_attn", str, flag("auto", "Attention kernel of the baselines: auto (flash_attention_2 when installed and supported, else sdpa), or any registered name.")),
+         ("repeats", int, flag(2, "Runs per side, alternating which goes first.")),
          ("output", str, flag("benchmark.json", "Where the JSON goes; the table is printed and written next to it (.md)."))],
     shared=("model", "data", "task", "template", *TASK_FIELDS, "ds_config", "max_steps", "micro_batch_size", "seq_len",
             "dtype", "lr", "seed"),
     defaults={"max_steps": 20, "micro_batch_size": 8, "seq_len": 512, "dtype": "fp32", "lr": 1e-4},
     docs={"data": "Training data (any --data the harness accepts). Empty: the bundled sample instructions.",
-          "ds_config": "DeepSpeed config both sides use: a path or a shipped name.",
-          "max_steps": "Optimizer steps per run (the same samples count on both sides).",
-          "micro_batch_size": "Samples per optimizer step (one process, no accumulation).",
+          "ds_config": "DeepSpeed config every side uses: a path or a shipped name.",
+          "max_steps": "Optimizer steps per run of the harness and the Trainer; TRL stops at the same number of samples.",
+          "micro_batch_size": "Samples per optimizer step (one process, no accumulation); TRL's packed steps hold this many on average.",
           "seq_len": "Maximum tokens per sample.",
           "dtype": "fp32 or bf16 (fp16 is refused by DeepSpeed on the CPU).",
-          "lr": "Constant learning rate on both sides.",
-          "seed": "Seed for both sides."},
+          "lr": "Constant learning rate on every side.",
+          "seed": "Seed for every side."},
     check=_bench_errors,
 )
 
