@@ -72,6 +72,7 @@ def _torch_varlen():
     without it. Read once from the signature rather than per call.
     """
     try:
+        # Imported here: the module exists only from torch 2.10, and only the packed path needs it.
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None

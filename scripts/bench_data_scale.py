@@ -15,8 +15,8 @@ at its default (auto: 1 process under 20k rows, else one per core up to 8).
   same command again.
 - time to first step: from the launch to the first metrics.jsonl line with a loss (polled every
   50 ms), so it includes Python and library imports, preflight, DeepSpeed set-up and step 1.
-- data time per step: the median of the loop's `time_data_s` over steps 2..STEPS (with 2 ranks it
-  includes the all-reduce of the step's token counts, i.e. waiting for the other rank); and, apart,
+- data time per step: the median of the loop's `time_data_s` over steps 2..STEPS (the wait for the
+  step's micro-batches, which a background thread builds while the previous step runs); and, apart,
   the time to lay out and collate one rank's micro-batches in process, from the warm cache entry.
 - peak RSS: the largest resident set of any process of the run (wait4's ru_maxrss over the
   launcher and its ranks), which counts the page-cache pages of the memory-mapped cache that a

@@ -5,11 +5,13 @@ first fail there.
 - make_model.py --weights False gives a folder the harness's own loading code initialises randomly;
 - the profiler table counts each kernel once (a CPU operator's device time is its kernels' time);
 - collect.py turns a run's metrics into the figures (MFU time-weighted, profiled steps left out) and
-  reports a missing artifact as missing.
+  reports a missing artifact as missing;
+- bench_ce_memory.py (the `ce` step) runs every variant through the harness's losses to one loss.
 """
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -118,3 +120,18 @@ def test_collect_weights_mfu_by_time_leaves_out_warm_up_and_profiled_steps(tmp_p
     assert records[1]["status"] == "timeout" and "bench-1b.json" in records[1]["figures"]["missing"]
     summary = (out / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("mfu    ok") and "mfu=0.09615" in summary[0] and "MISSING" in summary[1]
+
+
+def test_ce_memory_script_runs_each_variant_to_the_same_loss(tmp_path):
+    """scripts/bench_ce_memory.py (the recipe's `ce` step) at toy shapes: every variant runs through
+    the harness's own loss functions and gives the plain loss."""
+    out = tmp_path / "ce.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_ce_memory.py"), "--device", "cpu",
+                           "--seq_len", "2048", "--hidden", "32", "--vocab", "1000", "--dtype", "float32",
+                           "--chunks", "0,256", "--out", str(out)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain, chunked = [json.loads(line) for line in out.read_text().splitlines()]
+    assert plain["chunked_ce"] == 0 and chunked["chunked_ce"] == 256 and plain["supervised"] > 0
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5)
