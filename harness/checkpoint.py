@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ import xxhash
 
 from harness import __version__, dist
 from harness.config import MAY_CHANGE_ON_RESUME, TrainConfig
-from harness.errors import HarnessError, NonFiniteWeights
+from harness.errors import HarnessError, NonFiniteWeights, RequeueRequested
 
 MANIFEST = "manifest.json"
 HASH = "xxh3_64"  # fast (GB/s), enough to detect a changed byte; not a defence against a crafted file
@@ -443,6 +444,25 @@ def restore(engine, ckpt: Path, info: dist.DistInfo) -> None:
 
 
 # -- signals ----------------------------------------------------------------------------------
+
+# Left in the run directory by rank 0 once the checkpoint saved on a stop request has committed.
+# slurm/train.sbatch requeues the job when it finds it, whatever status srun returns: a node killed
+# while it exits (--kill-on-bad-exit) turns the ranks' 75 into 143. The script deletes it before
+# each attempt.
+REQUEUE_MARKER = ".requeue"
+
+
+def mark_requeue(out: Path, saved: Path, info: dist.DistInfo) -> None:
+    """Call after the stop request's checkpoint committed, on every rank (rank 0 writes)."""
+    if not info.is_rank0:
+        return
+    try:
+        replace_atomically(out / REQUEUE_MARKER, json.dumps({"checkpoint": str(saved),
+                                                             "job": os.environ.get("SLURM_JOB_ID")}) + "\n")
+    except OSError as err:  # the checkpoint is safe; only the hint to the batch script is lost
+        print(f"warning: could not write {out / REQUEUE_MARKER} ({err}): a job is requeued only if every node "
+              f"exits {RequeueRequested.exit_code}", file=sys.stderr, flush=True)
+
 
 class StopRequest:
     """SIGUSR1, SIGTERM and a first Ctrl-C (SIGINT) only set a flag; the loop acts on it at the

@@ -32,6 +32,7 @@ def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...]
         try:
             _check_argv(names, len(positional))
             flags.update(zip(positional, args))
+            flags.update(_raw_text_flags({f.name for f in fields if f.type in (str, "str")}))
             run(config_cls(**flags))
         except RequeueRequested as stop:
             sys.exit(stop.exit_code)
@@ -87,3 +88,21 @@ def _check_argv(names: set[str], n_positional: int = 0) -> None:
             bare += 1
             if bare > n_positional:
                 raise HarnessError(f"unexpected argument {arg!r}: every option is a --flag")
+
+
+def _raw_text_flags(text_names: set[str]) -> dict[str, str]:
+    """Text flags exactly as typed: python-fire parses every value as a Python literal, so
+    `--template "{instruction}"` would arrive as a set and `--labels a,b` as a tuple."""
+    args, raw = sys.argv[1:], {}
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        if name not in text_names:
+            continue
+        if eq:
+            raw[name] = value
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            raw[name] = args[i + 1]
+    return raw

@@ -30,7 +30,10 @@ from harness.errors import HarnessError
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 # Flags that change how a row becomes (prompt, target): part of the tokenization cache key.
 TASK_FIELDS = ("instruction_field", "input_field", "output_field", "text_field", "label_field", "labels",
-               "context_field", "question_field", "answers_field", "document_field", "summary_field")
+               "context_field", "question_field", "answers_field", "document_field", "summary_field",
+               # chat (its template text enters the key through harness.tasks.chat.cache_key), ner, translation
+               "messages_field", "message_keys", "role_names", "tokens_field", "tags_field", "entities_field",
+               "source_field", "target_field", "source_lang", "target_lang")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -46,20 +49,35 @@ class TrainConfig:
     model: str = flag("", "Local Hugging Face model folder (config.json + safetensors). Empty: the embedded tiny default model.")
     data: str = flag("", "Training data: a .json/.jsonl/.csv/.parquet file or a datasets.save_to_disk folder. Empty: the bundled sample instructions.")
     eval_data: str = flag("", "Held-out data in the same layout; its loss is reported every eval_steps and at the end. Empty: none (the bundled eval set when data is the default).")
-    task: str = flag("instruction", "Task that turns a row into (prompt, target) and defines its metric: instruction, classification, qa or summarization.")
+    task: str = flag("instruction", "Task that turns a row into (prompt, target) and defines its metric: instruction, classification, qa, summarization, chat, ner or translation.")
     template: str = flag("", "Prompt template with {field} placeholders, or a path to a text file holding one. Empty: the task's default template.")
     instruction_field: str = flag("instruction", "Row field holding the instruction (task=instruction).")
     input_field: str = flag("input", "Row field holding the optional input (task=instruction); a missing field counts as empty.")
     output_field: str = flag("output", "Row field holding the target response (task=instruction).")
     # Task-specific fields
-    text_field: str = flag("text", "Row field(s) holding the text to classify, comma-separated for several (task=classification).")
+    text_field: str = flag("text", "Row field(s) holding the text to classify, comma-separated for several (task=classification); the text whose entities --entities_field marks (task=ner).")
     label_field: str = flag("label", "Row field holding the label, a name or an integer (task=classification).")
-    labels: str = flag("", "Label words, comma-separated (integer labels index them from 0), or a mapping like {0: 'negative', 1: 'positive'} (task=classification).")
+    labels: str = flag("", "Label words, comma-separated (integer labels index them from 0), or a mapping like {0: 'negative', 1: 'positive'} (task=classification); the BIO tag names that integer tags index, e.g. O,B-PER,I-PER (task=ner).")
     context_field: str = flag("context", "Row field holding the passage (task=qa; official SQuAD JSON is read as is).")
     question_field: str = flag("question", "Row field holding the question (task=qa).")
     answers_field: str = flag("answers", "Row field holding the gold answers: a list of strings or of {text: ...} (task=qa).")
     document_field: str = flag("document", "Row field holding the document to summarize, e.g. dialogue for SAMSum (task=summarization).")
     summary_field: str = flag("summary", "Row field holding the reference summary (task=summarization).")
+    # Conversations (task=chat)
+    chat_template: str = flag("", "Chat template: a Jinja string, a file holding one, or the built-in chatml (task=chat). Empty: the tokenizer's own; a tokenizer without one is an error.")
+    messages_field: str = flag("messages", "Row field holding the conversation, a list of messages (task=chat); without it, ShareGPT 'conversations' or Alpaca rows are read.")
+    message_keys: str = flag("role,content", "Keys of a message's role and text (task=chat); ShareGPT's from,value are read too.")
+    role_names: str = flag("", "More role names, mapped onto the template's roles, e.g. {'bot': 'assistant', 'tool': 'tool'} (task=chat); system/user/assistant and human/gpt are known.")
+    chat_eval_generations: int = flag(16, "Generate the last assistant turn of the first N eval conversations into eval/step-N.predictions.jsonl (task=chat; 0: none). The eval loss covers every conversation.")
+    # Named entities (task=ner)
+    tokens_field: str = flag("tokens", "Row field holding the words of a CoNLL-style row (task=ner).")
+    tags_field: str = flag("ner_tags", "Row field holding one BIO tag per word, as names or as ids with --labels (task=ner).")
+    entities_field: str = flag("entities", "Row field holding entity spans of --text_field: {start, end, label} character offsets, end exclusive (task=ner).")
+    # Translation (task=translation)
+    source_field: str = flag("source", "Row field holding the source text; a dotted path reads nested fields, e.g. translation.de (task=translation).")
+    target_field: str = flag("target", "Row field holding the reference translation; dotted paths as for source_field (task=translation).")
+    source_lang: str = flag("", "Source language name, as the prompt shows it, e.g. German (task=translation; required).")
+    target_lang: str = flag("", "Target language name, as the prompt shows it, e.g. English (task=translation; required).")
     trust_remote_code: bool = flag(False, "Allow the model folder to run its own Python code. Off unless you trust the folder.")
 
     # Where it goes.
@@ -98,26 +116,26 @@ class TrainConfig:
     seq_len: int = flag(0, "Maximum tokens per row (prompt + target); longer rows are truncated, prompt first. 0: min(2048, the model's maximum).")
 
     # Data pipeline
-    packing: bool = flag(True, "Pack each step's samples into rows of up to seq_len tokens (best-fit decreasing); no token attends across samples. micro_batch_size then counts samples, not rows.")
+    packing: bool = flag(True, "Pack each step's samples into bins of up to seq_len tokens (best-fit decreasing), each micro-batch's bins into one unpadded row; no token attends across samples on any kernel. micro_batch_size then counts samples, not rows.")
     group_by_length: int = flag(0, "Unpacked path only (--packing False): sort rows by length within windows of N global batches so micro-batches pad less; 0: off.")
     num_proc: int = flag(0, "Processes that tokenize (datasets.map num_proc); 0: 1 for small data, else one per core up to 8.")
     data_cache: str = flag("", "Folder for tokenized data cached by content (data, tokenizer, template, task, masking, seq_len, version). Empty: $HARNESS_CACHE/tokenized or ~/.cache/llm-ft-harness/tokenized.")
 
     # Model execution, continued.
     dtype: str = flag("auto", "Training precision: auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32.")
-    attn: str = flag("auto", "Attention kernel: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager.")
+    attn: str = flag("auto", "Attention kernel of padded batches, evaluation and generation: auto (flash_attention_2 when installed and supported, else sdpa), flash_attention_2, sdpa or eager. Packed rows always use the varlen kernels of harness/attention.py.")
     grad_ckpt: bool = flag(False, "Non-reentrant activation checkpointing: less memory, ~1/3 more compute.")
 
     # Bookkeeping.
     seed: int = flag(42, "Seed for data order and every RNG.")
     log_every: int = flag(1, "Write metrics every N optimizer steps.")
     # Throughput accounting
-    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
+    chunked_ce: int = flag(0, "Compute the loss from the final hidden states in chunks of about N supervised tokens, recomputed in backward, so the logits of all positions are never held (0: off, the plain path).")
     eval_steps: int = flag(0, "Evaluate on eval_data every N optimizer steps (0: only at the end).")
     # Evaluation and LoRA
     eval_split: float = flag(0.0, "Hold out this seeded fraction of --data for evaluation when --eval_data is empty (0: none).")
     eval_batch_size: int = flag(8, "Eval rows per forward on each rank (label scoring runs rows x labels sequences).")
-    max_new_tokens: int = flag(32, "Greedy generation length limit for generative metrics (task=qa, summarization).")
+    max_new_tokens: int = flag(32, "Greedy generation length limit for generative metrics (task=qa, summarization, ner, translation, chat).")
     max_eval_samples: int = flag(0, "Evaluate on the first N eval rows only (0: all).")
     metric_for_best: str = flag("", "Metric that picks best/ and drives early stopping, e.g. accuracy or loss. Empty: the task's main metric.")
     early_stopping_patience: int = flag(0, "Stop after this many evaluations in a row without a better metric_for_best (0: never stop early).")
@@ -184,7 +202,7 @@ def train_flag_errors(cfg) -> list[str]:
         if getattr(cfg, name) < 1:
             errors.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "seq_len", "warmup_steps", "eval_steps", "max_eval_samples", "early_stopping_patience",
-                 "save_steps", "keep_last", "chunked_ce"):
+                 "save_steps", "keep_last", "chunked_ce", "chat_eval_generations"):
         if getattr(cfg, name) < 0:
             errors.append(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs <= 0:
@@ -320,8 +338,8 @@ EvalConfig = derive_config(
     own=[("model", str, flag("", "Model to evaluate: a local HF folder, a run's final/ or best/ (a LoRA adapter folder is merged into its base).")),
          ("data", str, flag("", "Evaluation data: a .json/.jsonl/.csv/.tsv/.parquet file or a save_to_disk folder, in the task's layout.")),
          ("output_dir", str, flag("eval_out", "Folder that receives metrics.json and predictions.jsonl."))],
-    shared=("task", "template", *TASK_FIELDS, "trust_remote_code", "ds_config", "seq_len", "dtype", "attn", "seed",
-            "eval_batch_size", "max_new_tokens", "max_eval_samples", "local_rank"),
+    shared=("task", "template", *TASK_FIELDS, "chat_template", "chat_eval_generations", "trust_remote_code", "ds_config",
+            "seq_len", "dtype", "attn", "seed", "eval_batch_size", "max_new_tokens", "max_eval_samples", "local_rank"),
     # ZeRO-3 by default: evaluation has no optimizer state, so sharding the weights is the only
     # reason to use DeepSpeed here, and it lets a model larger than one device be evaluated.
     defaults={"ds_config": "zero3"},
@@ -337,7 +355,7 @@ PrepareConfig = derive_config(
     own=[("output", str, flag("", "Folder to write; pass it to launch/train.py --data.")),
          ("overwrite", bool, flag(False, "Replace an existing output folder written by this step.")),
          ("world_size", int, flag(1, "Ranks of the training run, for the fill-rate estimate of its bins."))],
-    shared=("data", "model", "task", "template", *TASK_FIELDS, "trust_remote_code", "seq_len", "num_proc",
+    shared=("data", "model", "task", "template", *TASK_FIELDS, "chat_template", "trust_remote_code", "seq_len", "num_proc",
             "micro_batch_size", "grad_accum_steps", "seed"),
     docs={"data": "Data file to tokenize (.json/.jsonl/.csv/.tsv/.parquet or a save_to_disk folder).",
           "model": "Local model folder whose tokenizer to use (as training's --model). Empty: the embedded tiny default model.",
@@ -373,29 +391,37 @@ PlanConfig = derive_config(
 )
 
 
+BENCH_BASELINES = ("trainer", "trl")
+
+
 def _bench_errors(cfg) -> list[str]:
     errors = [f"--{n} must be >= 1, got {getattr(cfg, n)}" for n in ("max_steps", "seq_len", "repeats")
               if getattr(cfg, n) < 1]
+    names = [s.strip() for s in cfg.baselines.split(",") if s.strip()]
+    if cfg.baselines != "auto" and (not names or set(names) - set(BENCH_BASELINES) or len(set(names)) < len(names)):
+        errors.append(f"--baselines {cfg.baselines!r}: auto, or a comma-separated list of {', '.join(BENCH_BASELINES)}")
     return errors + ([] if cfg.dtype in ("fp32", "bf16") else [f"--dtype must be fp32 or bf16, got {cfg.dtype!r}"])
 
 
-# launch/benchmark.py: one side is this harness trained with these flags, the other
-# transformers.Trainer on the same rows.
+# launch/benchmark.py: one side is this harness trained with these flags, the others
+# transformers.Trainer and TRL's SFTTrainer on the same rows.
 BenchConfig = derive_config(
     "BenchConfig",
-    own=[("repeats", int, flag(2, "Runs per side, alternating which goes first.")),
+    own=[("baselines", str, flag("auto", "Sides run beside the harness: trainer, trl, or both comma-separated; auto: the Trainer, plus TRL's SFTTrainer when trl is installed.")),
+         ("baseline_attn", str, flag("auto", "Attention kernel of the baselines: auto (flash_attention_2 when installed and supported, else sdpa), or any registered name.")),
+         ("repeats", int, flag(2, "Runs per side, alternating which goes first.")),
          ("output", str, flag("benchmark.json", "Where the JSON goes; the table is printed and written next to it (.md)."))],
     shared=("model", "data", "task", "template", *TASK_FIELDS, "ds_config", "max_steps", "micro_batch_size", "seq_len",
             "dtype", "lr", "seed"),
     defaults={"max_steps": 20, "micro_batch_size": 8, "seq_len": 512, "dtype": "fp32", "lr": 1e-4},
     docs={"data": "Training data (any --data the harness accepts). Empty: the bundled sample instructions.",
-          "ds_config": "DeepSpeed config both sides use: a path or a shipped name.",
-          "max_steps": "Optimizer steps per run (the same samples count on both sides).",
-          "micro_batch_size": "Samples per optimizer step (one process, no accumulation).",
+          "ds_config": "DeepSpeed config every side uses: a path or a shipped name.",
+          "max_steps": "Optimizer steps per run of the harness and the Trainer; TRL stops at the same number of samples.",
+          "micro_batch_size": "Samples per optimizer step (one process, no accumulation); TRL's packed steps hold this many on average.",
           "seq_len": "Maximum tokens per sample.",
           "dtype": "fp32 or bf16 (fp16 is refused by DeepSpeed on the CPU).",
-          "lr": "Constant learning rate on both sides.",
-          "seed": "Seed for both sides."},
+          "lr": "Constant learning rate on every side.",
+          "seed": "Seed for every side."},
     check=_bench_errors,
 )
 

@@ -84,6 +84,26 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def sum_and_read(summed: list, extra: list = ()) -> list[float]:
+    """Sum `summed` (device tensors or Python numbers) over all ranks in one all-reduce on the
+    device, then bring them and `extra` (device tensors or numbers, not summed) to the host in ONE
+    device-to-host copy, in float64. Numbers become device tensors by a fill, not a host copy
+    (a pageable host-to-device copy would wait for the device too)."""
+    device = _device()
+
+    def on_device(v) -> torch.Tensor:
+        if torch.is_tensor(v):
+            return v.detach().to(device=device, dtype=torch.float64).reshape(())
+        return torch.full((), float(v), dtype=torch.float64, device=device)
+
+    t = torch.stack([on_device(v) for v in summed])
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t)
+    if extra:
+        t = torch.cat([t, torch.stack([on_device(v) for v in extra])])
+    return t.tolist()
+
+
 def agree(error: str | None) -> str | None:
     """Every rank learns whether any rank failed a check, so all stop together instead of
     the healthy ranks hanging in the next collective. Returns the first error, if any."""

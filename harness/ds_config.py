@@ -91,7 +91,7 @@ def fill(raw: dict, cfg: TrainConfig, batch: BatchSizes, dtype: str, on_cpu: boo
 
     batch_flags = (f"--micro_batch_size {batch.micro_batch_size} x --grad_accum_steps {batch.grad_accum_steps}"
                    f" x world size {batch.world_size}")
-    put(ds, "train_micro_batch_size_per_gpu", batch.micro_batch_size, f"--micro_batch_size", "train_micro_batch_size_per_gpu")
+    put(ds, "train_micro_batch_size_per_gpu", batch.micro_batch_size, "--micro_batch_size", "train_micro_batch_size_per_gpu")
     put(ds, "gradient_accumulation_steps", batch.grad_accum_steps, "--grad_accum_steps", "gradient_accumulation_steps")
     put(ds, "train_batch_size", batch.global_batch_size, batch_flags, "train_batch_size")
     put(ds, "gradient_clipping", cfg.max_grad_norm, "--max_grad_norm", "gradient_clipping")
@@ -99,6 +99,15 @@ def fill(raw: dict, cfg: TrainConfig, batch: BatchSizes, dtype: str, on_cpu: boo
     for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})
         put(section, "enabled", dtype == name, f"--dtype {dtype}", f"{name}.enabled")
+
+    if dtype == "bf16" and zero_stage(ds) >= 1:
+        # DeepSpeed accumulates micro-batch gradients in the model's dtype unless told otherwise;
+        # bf16 keeps 8 bits of mantissa, so summing grad_accum_steps micro-batches there loses the
+        # small ones. The fp32 buffers take 4 bytes per accumulated gradient element instead of 2
+        # (ZeRO-2/3 hold only their partition). A user's explicit value is kept.
+        types = ds.setdefault("data_types", {})
+        if types.get("grad_accum_dtype", AUTO) == AUTO:
+            types["grad_accum_dtype"] = "fp32"
 
     if "scheduler" in ds:
         errors.append(f"{source} has a \"scheduler\" block; the LR schedule comes from --lr_schedule, "

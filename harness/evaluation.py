@@ -12,8 +12,9 @@ takes the same best-model and early-stopping decisions without another broadcast
 - `EVAL_MODE = "labels"` (classification): for each row the log-likelihood of every label's
   tokens (label word + EOS) given the prompt, all labels of a batch of rows in one forward; the
   argmax is the prediction.
-- `EVAL_MODE = "generate"` (qa, summarization): greedy decoding, left-padded batches, KV cache,
-  `synced_gpus` under multi-rank ZeRO-3; the text up to the first EOS is the prediction.
+- `EVAL_MODE = "generate"` (qa, summarization, ner, translation, chat): greedy decoding, left-padded
+  batches, KV cache, `synced_gpus` under multi-rank ZeRO-3; the text up to the first stop token (EOS,
+  and for chat the template's end-of-turn tokens) is the prediction. Chat generates for a sample only.
 - Every task also gets the teacher-forced eval loss and perplexity of its targets.
 """
 
@@ -51,6 +52,7 @@ class EvalSet:
     tokenizer: object
     pad_id: int
     eos_id: int
+    stop_ids: list[int] = field(default_factory=list)  # generation ends at any of these (EOS when empty)
 
 
 @dataclass
@@ -72,10 +74,10 @@ def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
 
 
-def examples_of(rows: list[data.TokenizedRow], paths: list[str], task: ModuleType, cfg, template: str) -> list[Example]:
-    """The task examples (prompts and references, for metrics) behind some tokenized rows, e.g.
-    the rows --eval_split held out of --data."""
-    wanted = {(r.source, r.row) for r in rows}
+def examples_of(origins: list[tuple[int, int]], paths: list[str], task: ModuleType, cfg, template: str) -> list[Example]:
+    """The task examples (prompts and references, for metrics) of some (source, row) origins, e.g.
+    the rows --eval_split held out of --data (`data.TokenizedRows.origin`)."""
+    wanted = set(origins)
     found = []
     for source, path in enumerate(paths):
         if any(s == source for s, _ in wanted):
@@ -99,6 +101,11 @@ def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: 
         what = "--max_new_tokens" if task.EVAL_MODE == "generate" else "the longest label"
         raise HarnessError(f"{what} needs {room} tokens, more than half of seq_len {seq_len}; "
                            f"the prompt would be cut to nothing useful")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if hasattr(task, "eval_tokens"):  # conversations: the task tokenizes, and generates for a sample only
+        loss_rows, prompts, stop_ids = task.eval_tokens(examples, cfg, tokenizer, seq_len, room)
+        return EvalSet(task, cfg, examples, loss_rows, prompts, label_ids, label_words, tokenizer, pad_id,
+                       tokenizer.eos_token_id, stop_ids)
     loss_rows, _ = data.tokenize(examples, tokenizer, seq_len)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     limit = data.char_limit(tokenizer, seq_len)  # text that could never fit is not tokenized (see harness.data)
@@ -106,7 +113,6 @@ def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: 
     # The same truncation policy as training (cut the middle of the prompt), with the answer's
     # room standing in for the target.
     prompts = [data.truncate(bos + ids, [0] * room, seq_len)[0] for ids in raw]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return EvalSet(task, cfg, examples, loss_rows, prompts, label_ids, label_words, tokenizer, pad_id,
                    tokenizer.eos_token_id)
 
@@ -172,10 +178,11 @@ def evaluate(engine, es: EvalSet, info: dist.DistInfo) -> EvalResult:
     if mode != "loss":
         local = score_rows(engine, es, info) if mode == "labels" else generate_rows(engine, es, info)
         records = sorted((r for part in dist.all_gather_objects(local) for r in part), key=lambda r: r["index"])
-        assert [r["index"] for r in records] == list(range(len(es.examples)))
-        task_metrics, details = es.task.compute_metrics([r["prediction"] for r in records], es.examples, es.cfg)
+        scored = es.examples[: len(es.prompts)]  # every example, except for chat's generation sample
+        assert [r["index"] for r in records] == list(range(len(scored)))
+        task_metrics, details = es.task.compute_metrics([r["prediction"] for r in records], scored, es.cfg)
         metrics.update({f"eval/{k}": v for k, v in task_metrics.items()})
-        for r, ex in zip(records, es.examples):
+        for r, ex in zip(records, scored):
             predictions.append({"row": ex.row, "prediction": r["prediction"], "golds": list(ex.golds), **r["extra"]})
     return EvalResult(metrics, details, predictions)
 
@@ -220,15 +227,17 @@ def score_rows(engine, es: EvalSet, info: dist.DistInfo) -> list[dict]:
 
 def generate_rows(engine, es: EvalSet, info: dist.DistInfo) -> list[dict]:
     out = []
-    for slots in data.eval_batches(len(es.examples), es.cfg.eval_batch_size, info.rank, info.world_size):
+    stops = es.stop_ids or [es.eos_id]
+    for slots in data.eval_batches(len(es.prompts), es.cfg.eval_batch_size, info.rank, info.world_size):
         prompts = [es.prompts[i if i is not None else 0] for i in slots]
         input_ids, attention_mask = left_pad(prompts, es.pad_id)
-        new_tokens = engine.generate(input_ids, attention_mask, es.cfg.max_new_tokens, es.pad_id, es.eos_id)
+        new_tokens = engine.generate(input_ids, attention_mask, es.cfg.max_new_tokens, es.pad_id, stops)
         for j, i in enumerate(slots):
             if i is not None:
                 tokens = new_tokens[j].tolist()
-                if es.eos_id in tokens:
-                    tokens = tokens[: tokens.index(es.eos_id)]
+                ends = [k for k, t in enumerate(tokens) if t in stops]
+                if ends:
+                    tokens = tokens[: ends[0]]
                 text = es.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 out.append({"index": i, "prediction": text, "extra": {}})
     return out
@@ -313,6 +322,7 @@ def preflight(cfg, info: dist.DistInfo) -> EvalSetup:
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
     tokenizer = model_mod.load_tokenizer(cfg.model, cfg.trust_remote_code)
     task = tasks.get(cfg.task)
+    tasks.setup_tokenizer(task, cfg, tokenizer)
     examples = task.examples(data.read_rows(cfg.data), cfg, load_template(cfg.template))
     eval_set = prepare(task, examples, cfg, tokenizer, seq_len)
     filled = ds_config.fill_for_inference(raw_ds, cfg.eval_batch_size, info.world_size, dtype)

@@ -8,6 +8,7 @@ with micro-batch size, grad-accum steps and world size; this does not.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -24,6 +25,13 @@ def supervised_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def loss_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flattened positions t (over rows x (width - 1)) of a host (CPU) label tensor whose next token
+    is a target: found with numpy on the host, so the chunked loss needs no nonzero on the device."""
+    shifted = labels[:, 1:].numpy()
+    return torch.from_numpy(np.flatnonzero(shifted.reshape(-1) != IGNORE_INDEX))
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum (not mean) of next-token cross-entropies over supervised positions, in fp32."""
     vocab = logits.shape[-1]
@@ -32,23 +40,41 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def selected_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """token_loss_sum when the model computed logits only at `index` (harness.loss.loss_index's
+    positions, in order): logits (1, n, vocab) of one row, n = index.numel()."""
+    y = labels[:, 1:].reshape(-1).to(logits.device).index_select(0, index)
+    return F.cross_entropy(at_least_fp32(logits.reshape(-1, logits.shape[-1])), y, reduction="sum")
+
+
 def chunked_token_loss_sum(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
-                           chunk_tokens: int) -> torch.Tensor:
+                           chunk_tokens: int, index: torch.Tensor, chunks: int = 0) -> torch.Tensor:
     """token_loss_sum(lm_head(hidden), labels), from the final hidden states, in chunks.
 
     The plain path holds the logits of every position, their fp32 copy and its gradient:
     rows x seq_len x vocab x ~10 bytes, the largest activation of a large-vocabulary model.
-    Here logits exist only for `chunk_tokens` supervised positions at a time (prompt and padding
-    positions never reach the head), and each chunk is recomputed in backward instead of kept.
+    Here logits exist only for about `chunk_tokens` supervised positions at a time (prompt and
+    padding positions never reach the head), and each chunk is recomputed in backward instead of kept.
+
+    `index`: the flattened positions t (over rows x (width - 1)) whose next token is a target,
+    computed on the host with the batch (harness.packing, harness.loss.loss_index). Its length is
+    known without reading the device, so the chunks need no nonzero and no sync.
+
+    `chunks` > 0 splits the targets into exactly that many chunks (of ceil(n / chunks) tokens,
+    some possibly empty) whatever n is, so the head runs the same number of times in every
+    forward: ZeRO-3 records the order in which modules run and prefetches (and keeps the head
+    gathered between chunks) only while that order repeats. 0: chunks of `chunk_tokens`, at least one.
     """
-    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1).to(h.device)
-    keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1]).index_select(0, index)
+    y = labels[:, 1:].reshape(-1).to(h.device).index_select(0, index)
+    n = index.numel()
+    size = max(1, -(-n // chunks)) if chunks else chunk_tokens
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for i in range(0, y.numel(), chunk_tokens):
-        total = total + checkpoint(_chunk_loss_sum, h[i:i + chunk_tokens], y[i:i + chunk_tokens], lm_head,
-                                   use_reentrant=False)
+    # Every chunk runs even when empty: a row without targets (a filler) still reaches the head,
+    # so its loss is part of the graph and every parameter gets a (zero) gradient, as on the
+    # plain path, and ZeRO's gradient hooks fire alike on every rank.
+    for i in range(0, size * (chunks or max(1, -(-n // size))), size):
+        total = total + checkpoint(_chunk_loss_sum, h[i:i + size], y[i:i + size], lm_head, use_reentrant=False)
     return total
 
 

@@ -1,4 +1,4 @@
-"""Packing: several samples share one row of at most `seq_len` tokens, and never see each other.
+"""Packing: a step's samples laid out as one flattened row per micro-batch, never seeing each other.
 
 A packed step holds exactly the samples the `StepSampler` gives that step (so a packed run
 and a padded run see the same samples in the same steps, and step N stays a pure function of
@@ -9,21 +9,26 @@ and a padded run see the same samples in the same steps, and step N stays a pure
    the least-loaded slot, so ranks get near-equal tokens; every rank runs every micro-step
    (ZeRO-3 gathers weights inside each forward, so a missing rank would hang the others) and
    a slot without a bin runs a 1-token filler row that adds nothing to the loss;
-3. each micro-batch is one tensor as wide as its fullest bin (not `seq_len`): trailing padding
-   that nothing reads is not computed.
+3. each micro-batch's bins are concatenated into ONE row (batch 1) with no padding at all: the
+   bins only decide which samples share a micro-step. The row holds no more tokens than its
+   bins (so never more than the rows x widest-bin tensor a padded layout of the same bins
+   would compute).
 
-Isolation: position ids restart at 0 for every sample and the batch carries no 2D attention
-mask. transformers then derives segment boundaries from the position ids: FlashAttention-2 runs
-its variable-length kernel (cu_seqlens), SDPA and eager get a block-diagonal causal mask. Pad
-slots at the end of a row form their own segment, labelled -100. This detection is skipped when
-a KV cache is passed, so the engine always calls the model with use_cache=False. The test
-`tests/test_packing.py` checks every sample's logits against the sample run alone.
+Isolation: `collate_packed` returns, next to the row, the samples' cumulative lengths
+(`cu_seq_lens`, int32) and the longest sample (`max_length`), computed here once on the host;
+the engine passes them to the model and `harness.attention` runs each sample's causal attention
+over that sample alone on every kernel (flash-attn's and torch's varlen kernels on a GPU, a
+per-sample SDPA reference on the CPU). Position ids restart at 0 for every sample (RoPE sees each
+sample at its own positions). The first label of every sample is masked: the token before it
+belongs to the previous sample. `tests/test_packing.py` checks logits and gradients against
+each sample run alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from harness.labels import IGNORE_INDEX
@@ -76,11 +81,15 @@ class PackedStep:
         return [b for rank in self.micro for m in rank for b in m]
 
 
-def pack_step(samples: list[int], lengths: list[int], seq_len: int, world_size: int,
-              grad_accum_steps: int) -> PackedStep:
-    """Lay the samples of one step out as bins per rank and micro-step (see module docstring)."""
-    bins = [[samples[i] for i in b] for b in best_fit_decreasing([lengths[s] for s in samples], seq_len)]
-    fill = [sum(lengths[s] for s in b) for b in bins]
+def pack_step(samples: list[int], lengths, seq_len: int, world_size: int, grad_accum_steps: int) -> PackedStep:
+    """Lay the samples of one step out as bins per rank and micro-step (see module docstring).
+
+    `lengths[i]` is row i's length (a list or a numpy array); only the step's rows are read.
+    """
+    own = [int(lengths[s]) for s in samples]
+    packed = best_fit_decreasing(own, seq_len)
+    bins = [[samples[i] for i in b] for b in packed]
+    fill = [sum(own[i] for i in b) for b in packed]
     per_rank = least_loaded(fill, world_size)
     micro = []
     for rank_bins in per_rank:
@@ -89,34 +98,30 @@ def pack_step(samples: list[int], lengths: list[int], seq_len: int, world_size: 
     return PackedStep(micro)
 
 
-def collate_packed(bins: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Bins (each a list of (input_ids, labels) samples) -> one packed micro-batch.
+def collate_packed(samples: list[tuple], pad_id: int) -> dict:
+    """(input_ids, labels) samples (lists or numpy arrays) -> one packed micro-batch, built with
+    numpy (nothing per token in Python).
 
-    `attention_mask` marks real tokens for token accounting only; the engine does not pass it
-    to the model for packed batches, since a 2D mask would switch segment detection off.
-    An empty list gives the filler: one pad token, no label, still a forward (ZeRO-3).
+    Tensors (CPU; `Engine` moves them): input_ids, labels, position_ids as (1, T) int64,
+    cu_seq_lens (n + 1,) int32, loss_index (the flattened positions t whose next token is a target,
+    int64: the chunked loss gathers them without a device-side nonzero). Host values: max_length
+    (int) and seq_lens (tuple of ints). No samples gives the filler: one pad token, no label, still a
+    forward (ZeRO-3).
     """
-    filler = not bins
-    if filler:
-        bins = [[([pad_id], [IGNORE_INDEX])]]
-    width = max(sum(len(ids) for ids, _ in b) for b in bins)
-    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(bins), width), dtype=torch.long)
-    for r, b in enumerate(bins):
-        off = 0
-        for ids, labs in b:
-            n = len(ids)
-            input_ids[r, off:off + n] = torch.tensor(ids)
-            labels[r, off:off + n] = torch.tensor(labs)
-            # Unpacked, a row's first label is never a target (nothing precedes it); here the
-            # previous sample's last token precedes it, so mask it to keep the same loss.
-            labels[r, off] = IGNORE_INDEX
-            position_ids[r, off:off + n] = torch.arange(n)
-            off += n
-        # The pad tail restarts at 0 too: a segment of its own that attends to nothing real.
-        position_ids[r, off:] = torch.arange(width - off)
-        if not filler:
-            attention_mask[r, :off] = 1
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": attention_mask}
+    if not samples:
+        samples = [([pad_id], [IGNORE_INDEX])]
+    lengths = np.fromiter((len(ids) for ids, _ in samples), dtype=np.int64, count=len(samples))
+    input_ids = np.concatenate([np.asarray(ids, dtype=np.int64) for ids, _ in samples])
+    labels = np.concatenate([np.asarray(labs, dtype=np.int64) for _, labs in samples])
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    # Unpacked, a row's first label is never a target (nothing precedes it); here the previous
+    # sample's last token precedes it, so mask it to keep the same loss.
+    labels[starts] = IGNORE_INDEX
+    position_ids = np.arange(len(input_ids), dtype=np.int64) - np.repeat(starts, lengths)
+    cu_seq_lens = np.concatenate([[0], ends]).astype(np.int32)
+    loss_index = np.flatnonzero(labels[1:] != IGNORE_INDEX)
+    return {"input_ids": torch.from_numpy(input_ids)[None], "labels": torch.from_numpy(labels)[None],
+            "position_ids": torch.from_numpy(position_ids)[None], "cu_seq_lens": torch.from_numpy(cu_seq_lens),
+            "loss_index": torch.from_numpy(loss_index), "max_length": int(lengths.max()),
+            "seq_lens": tuple(lengths.tolist())}

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import (__version__, checkpoint, data, data_cache, default_assets, dist, ds_config, evaluation,
+from harness import (__version__, attention, checkpoint, data, data_cache, default_assets, dist, ds_config, evaluation,
                      memory_plan, model as model_mod, report, rundir, tasks)
 from harness.batches import StepBatches
 from harness.config import TrainConfig
@@ -64,7 +64,9 @@ def early_checks(cfg: TrainConfig, device) -> EarlyInputs:
     lora_params = 0
     if model_path:
         model_config = model_mod.check_model_dir(model_path, cfg.trust_remote_code)
-        model_mod.resolve_seq_len(cfg.seq_len, model_config)
+        seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
+        if cfg.packing:
+            attention.check_model(model_config, seq_len)
         tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
         if cfg.lora:
             lora_params = model_mod.lora_parameters(model_config, cfg.lora_targets, cfg.lora_r, cfg.trust_remote_code)
@@ -91,12 +93,13 @@ class TrainSetup:
     seq_len: int
     dtype: str
     attn: str  # the kernel asked for; train.run records the one transformers installed
+    attn_kernel: str | None  # the kernel packed rows run on (harness.attention); None when unpacked
     batch: BatchSizes
     ds_config: dict  # every "auto" filled from the flags
     total_steps: int
     sampler: data.StepSampler
     batches: StepBatches  # step -> this rank's micro-batches, padded or packed
-    train_rows: list[data.TokenizedRow]
+    train_rows: data.TokenizedRows  # memory-mapped tokens, index arrays (harness.data)
     tokenizer: object
     eval_set: evaluation.EvalSet | None
     metric_for_best: str  # "eval/<name>", picks best/ and drives early stopping
@@ -125,6 +128,7 @@ class TrainSetup:
                 "seq_len": self.seq_len,
                 "dtype": self.dtype,
                 "attn_implementation": self.attn,
+                "attn_kernel": self.attn_kernel,
                 "world_size": self.batch.world_size,
                 "global_batch_size": self.batch.global_batch_size,
                 "total_steps": self.total_steps,
@@ -165,42 +169,54 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None,
     seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
     dtype = model_mod.resolve_dtype(cfg.dtype, info.device)
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
+    attn_kernel = None
+    if cfg.packing:
+        attention.check_model(model_config, seq_len)
+        attn_kernel = attention.kernel_for(info.device, model_mod.DTYPES[dtype])
     ds_name = auto_ds_config(model_path, info, cfg, seq_len) if cfg.ds_config == "auto" else cfg.ds_config
     raw_ds = early.raw_ds_config if early.raw_ds_config is not None else ds_config.load(ds_name)
 
     # The data: every source tokenized (or read from the cache), mixed, and the eval set.
     task = tasks.get(cfg.task)
+    tasks.setup_tokenizer(task, cfg, tokenizer)
     template = load_template(cfg.template)
     nonce = nonce or dist.shared_nonce()
 
-    def load(path: str, what: str) -> tuple[list[data.TokenizedRow], data.TokenizeStats, bool]:
+    def load(i: int, path: str, what: str) -> tuple[data.TokenizedRows, data.TokenizeStats, bool]:
         with errors_about(f"{what} {path}"):
             tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
                                                   cfg.num_proc, info.local_rank, nonce, what)
-        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id)
+        rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id, source=i,
+                                             digest=data_cache.recorded_digest(tokenized))
         data.check_supervised(stats, f"{what} {path}")
         return rows, stats, hit
 
     sources = data.parse_data_spec(data_path)
-    loaded = [load(path, "--data") for path, _ in sources]
-    for i, (rows, _, _) in enumerate(loaded):
-        for r in rows:
-            r.source = i
-    train_rows, in_mix = data.mix([rows for rows, _, _ in loaded], [w for _, w in sources], cfg.seed)
+    loaded = [load(i, path, "--data") for i, (path, _) in enumerate(sources)]
+    train_parts = [rows for rows, _, _ in loaded]
+    held_out = [0] * len(sources)
     eval_examples = []
     if eval_path:
         with errors_about(f"--eval_data {eval_path}"):
             eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
     elif cfg.eval_split:
-        train_rows, held = evaluation.split(train_rows, cfg.eval_split, cfg.seed)
-        eval_examples = evaluation.examples_of(held, [path for path, _ in sources], task, cfg, template)
+        # Per source, before mixing: an up-sampled source repeats rows, and a row held out must
+        # not come back into training as its own copy.
+        splits = [data.split_rows(rows, cfg.eval_split, cfg.seed, i, f"--data {path}")
+                  for i, (rows, (path, _)) in enumerate(zip(train_parts, sources))]
+        train_parts = [train for train, _ in splits]
+        held = data.TokenizedRows.concat([h for _, h in splits])
+        held_out = [len(h) for _, h in splits]
+        eval_examples = evaluation.examples_of([held.origin(i) for i in range(len(held))],
+                                               [path for path, _ in sources], task, cfg, template)
+    train_rows, in_mix = data.mix(train_parts, [w for _, w in sources], cfg.seed)
     eval_set = evaluation.prepare(task, eval_examples, cfg, tokenizer, seq_len) if eval_examples else None
     metric, greater_is_better = evaluation.metric_for_best(task, cfg, eval_set is not None)
 
     # Steps: the batch arithmetic, which rows each step holds, how long the run is.
     batch = BatchSizes(cfg.micro_batch_size, cfg.grad_accum_steps, info.world_size)
     sampler = data.StepSampler(len(train_rows), batch.micro_batch_size, batch.grad_accum_steps,
-                               batch.world_size, cfg.seed, lengths=[len(r.input_ids) for r in train_rows],
+                               batch.world_size, cfg.seed, lengths=train_rows.lengths,
                                group_by_length=cfg.group_by_length)
     batches = StepBatches(train_rows, sampler, data.pad_id(tokenizer), cfg.packing, seq_len)
     total = data.total_steps(cfg.max_steps, cfg.epochs, sampler.steps_per_epoch)
@@ -226,13 +242,13 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None,
             **fingerprints, "zero_stage": ds_config.zero_stage(filled), "world_size": info.world_size,
             "global_batch_size": batch.global_batch_size, "seed": cfg.seed})
 
-    data_report = report.build([report.SourceReport(path, weight, stats, n, hit)
-                                for (path, weight), (_, stats, hit), n in zip(sources, loaded, in_mix)],
+    data_report = report.build([report.SourceReport(path, weight, stats, n, hit, held)
+                                for (path, weight), (_, stats, hit), n, held in zip(sources, loaded, in_mix, held_out)],
                                tokenizer, batches, min(total, sampler.steps_per_epoch), seq_len)
     stats = [s for _, s, _ in loaded]
     setup = TrainSetup(
         cfg=cfg, model_path=model_path, data_path=data_path, eval_data_path=eval_path, seq_len=seq_len, dtype=dtype,
-        attn=attn, batch=batch, ds_config=filled, total_steps=total, sampler=sampler, batches=batches,
+        attn=attn, attn_kernel=attn_kernel, batch=batch, ds_config=filled, total_steps=total, sampler=sampler, batches=batches,
         train_rows=train_rows, tokenizer=tokenizer, eval_set=eval_set, metric_for_best=metric,
         greater_is_better=greater_is_better,
         stats={"rows": sum(s.rows for s in stats), "prompt_truncated": sum(s.prompt_truncated for s in stats),

@@ -2,7 +2,10 @@
 
 Printed on rank 0 at the end of preflight and saved as `output_dir/data_report.json`. Layout
 numbers (tokens per step, padding or packing efficiency, bin fill) are measured on the steps of
-the first epoch (at most the run's steps), which cover every row once.
+the first epoch (at most the run's steps), which cover every row once; an epoch longer than
+`LAYOUT_SAMPLE_STEPS` steps is measured on that many of its steps, drawn with the run's seed
+(`steps_measured` < `steps_in_epoch` in the report says so), so the report costs the same at a
+million rows as at a thousand.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from harness import data
 from harness.batches import StepBatches
 
 MAX_ROWS_LISTED = 100  # row indices written into the JSON per problem
+LAYOUT_SAMPLE_STEPS = 512  # layout figures of a longer epoch are measured on this many seeded steps
 
 
 @dataclass
@@ -24,12 +28,13 @@ class SourceReport:
     stats: data.TokenizeStats
     rows_in_mix: int
     cache_hit: bool
+    held_out: int = 0  # rows --eval_split kept out of training
 
 
-def length_summary(lengths: list[int]) -> dict:
-    if not lengths:
-        return {}
+def length_summary(lengths) -> dict:
     a = np.asarray(lengths)
+    if not len(a):
+        return {}
     return {"mean": round(float(a.mean()), 1), **{f"p{q}": int(np.percentile(a, q, method="lower")) for q in (50, 90, 99)},
             "max": int(a.max())}
 
@@ -43,6 +48,7 @@ def source_entry(src: SourceReport) -> dict:
         "tokenization_cache_hit": src.cache_hit,
         "rows_read": s.rows,
         "rows_kept": kept,
+        "rows_held_out_for_eval": src.held_out,
         "rows_in_mix": src.rows_in_mix,
         "rows_dropped": {
             "no_supervised_token_after_truncation": {
@@ -61,26 +67,35 @@ def source_entry(src: SourceReport) -> dict:
     }
 
 
+def measured_steps(steps: int, seed: int) -> list[int]:
+    """Every step of the epoch, or LAYOUT_SAMPLE_STEPS of them drawn with the seed."""
+    if steps <= LAYOUT_SAMPLE_STEPS:
+        return list(range(steps))
+    return sorted(np.random.default_rng(seed).choice(steps, LAYOUT_SAMPLE_STEPS, replace=False).tolist())
+
+
 def layout_entry(batches: StepBatches, steps: int, seq_len: int) -> dict:
     real = slots = supervised = bins = 0
-    for step in range(steps):
+    measured = measured_steps(steps, batches.sampler.seed)
+    for step in measured:
         step_real, step_slots = batches.slots(step)
         real, slots = real + step_real, slots + step_slots
-        rows = batches.sampler.step_rows(step)
-        supervised += sum(batches.rows[i].supervised for i in rows)
+        supervised += int(batches.rows.supervised[batches.sampler.step_rows(step)].sum())
         if batches.packing:
             bins += sum(len(m) for rank in batches.layout(step) for m in rank)
+    n = len(measured)
     entry = {
         "layout": "packed" if batches.packing else "padded",
-        "steps_measured": steps,
+        "steps_measured": n,
+        "steps_in_epoch": steps,  # more than steps_measured: a seeded sample of the epoch's steps
         "samples_per_step": batches.sampler.global_batch,
-        "tokens_per_step": real / steps,
-        "supervised_tokens_per_step": supervised / steps,
-        "token_slots_per_step": slots / steps,
+        "tokens_per_step": real / n,
+        "supervised_tokens_per_step": supervised / n,
+        "token_slots_per_step": slots / n,
         "efficiency": real / slots,  # real tokens / token slots the forward passes compute
     }
     if batches.packing:
-        entry.update(bins_per_step=bins / steps, bin_fill_rate=real / (bins * seq_len))
+        entry.update(bins_per_step=bins / n, bin_fill_rate=real / (bins * seq_len))
     return entry
 
 
@@ -117,6 +132,8 @@ def summary(report: dict) -> str:
     sp, st = report["special_tokens"], report["steps"]
     lines.append(f"  eos {sp['eos_id']} pad {sp['pad_id']} (pad is eos: {sp['pad_is_eos']}, eos trained: {sp['eos_trained']})")
     fill = f", {st['bins_per_step']:.1f} bins/step, bin fill {st['bin_fill_rate']:.1%}" if "bin_fill_rate" in st else ""
+    sample = (f" (measured on {st['steps_measured']} of the epoch's {st['steps_in_epoch']} steps)"
+              if st["steps_measured"] < st["steps_in_epoch"] else "")
     lines.append(f"  {st['layout']}: {st['tokens_per_step']:.0f} tokens/step ({st['supervised_tokens_per_step']:.0f} "
-                 f"supervised), efficiency {st['efficiency']:.1%} of {st['token_slots_per_step']:.0f} slots{fill}")
+                 f"supervised), efficiency {st['efficiency']:.1%} of {st['token_slots_per_step']:.0f} slots{fill}{sample}")
     return "\n".join(lines)

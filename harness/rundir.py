@@ -9,6 +9,7 @@
       eval/                step-N.json and step-N.predictions.jsonl per evaluation
       best/, final/        Hugging Face folders (harness.export)
       .lock                who runs in this folder now (`RunLock`)
+      .requeue             left after a stop request's checkpoint committed (harness.checkpoint.mark_requeue)
 
 Rank 0 takes the lock first, before any other check (one run per folder); preflight then calls
 the checks (nothing else is written or deleted before every input has passed); `prepare` runs on
@@ -35,7 +36,7 @@ from harness.errors import HarnessError
 # What this harness writes at the top of a run directory (plus `<name>.tmp` / `<name>.old` while
 # replacing one); anything else there is the user's, and --overwrite names it before deleting it.
 RUN_DIR_ENTRIES = ("config.json", "data_report.json", "metrics.jsonl", "tensorboard", "checkpoints", "eval", "best",
-                   "final", ".lock")
+                   "final", ".lock", ".requeue")
 
 # Checkpoint bytes per parameter. A trained parameter: fp32 master weight and two fp32 Adam moments
 # (12 bytes) plus the module weight (up to 4). A frozen one (LoRA's base weights) has no optimizer

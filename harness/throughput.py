@@ -2,7 +2,7 @@
 
 Three token counts, because the field does not agree on one:
   slot tokens        every position the model computes on, padding included (rows x row width)
-  real tokens        positions holding a sample's token (attention_mask == 1)
+  real tokens        positions holding a sample's token (not padding, not a filler row)
   supervised tokens  positions whose next token is a training target (labels != -100 after the shift)
 
 Model FLOPs of one optimizer step (the only FLOP formula in the harness):
@@ -18,6 +18,11 @@ no weight gradient, so it counts 4 x in x out. The second term is attention's tw
 PaLM paper's (appendix B) convention that published MFU figures use. s_i is each *sample's*
 length: a packed row of three samples needs three small squares, not one big one, and padding
 needs none. Recomputation by activation checkpointing is not useful work and is not counted.
+
+On packed rows and with --chunked_ce the output head (lm_head) runs only on supervised positions
+(harness.engine, harness.loss), so its term counts supervised tokens instead of real ones; chunked
+CE's recomputation in backward is not counted, and neither is the one position the model's own
+head still computes per row under --chunked_ce.
 
 MFU = model FLOPs / (elapsed seconds x world size x peak FLOP/s per device). The peak table
 holds dense (no sparsity) tensor-core figures from the vendors' datasheets; a device or dtype not
@@ -57,37 +62,43 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float | None, str]:
 class FlopModel:
     """What the FLOP formula needs from a model: read once from the built module."""
 
-    linear_flops_per_token: int  # sum over Linear layers of 2 x in x out x (3 if trained else 2)
+    linear_flops_per_token: int  # sum over Linear layers of 2 x in x out x (3 if trained else 2), head included
     n_layers: int
     attn_width: int  # n_heads x head_dim: the width of Q (and of the attention output)
+    head_flops_per_token: int = 0  # the output head's part of linear_flops_per_token
+    head_on_supervised_only: bool = False  # packed rows, --chunked_ce: the head runs on supervised positions only
 
-    def step_flops(self, real_tokens: int, sample_lengths: list[int]) -> float:
+    def step_flops(self, real_tokens: int, sample_lengths, supervised_tokens: int | None = None) -> float:
+        head_tokens = supervised_tokens if self.head_on_supervised_only else real_tokens
+        linear = (self.linear_flops_per_token - self.head_flops_per_token) * real_tokens \
+            + self.head_flops_per_token * head_tokens
         attention = 12 * self.n_layers * self.attn_width * sum(s * s for s in sample_lengths)
-        return float(self.linear_flops_per_token * real_tokens + attention)
+        return float(linear + attention)
 
 
-def flop_model(module: torch.nn.Module) -> FlopModel:
-    per_token = 0
+def flop_model(module: torch.nn.Module, head_on_supervised: bool = False) -> FlopModel:
+    """`head_on_supervised`: the head runs on supervised positions only (packed rows, --chunked_ce;
+    see harness.engine), so only those count for it; recomputation in backward does not."""
+    per_token = head = 0
+    output = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
     for m in module.modules():
         if isinstance(m, torch.nn.Linear):
             passes = 3 if m.weight.requires_grad else 2
-            per_token += 2 * m.in_features * m.out_features * passes
+            flops = 2 * m.in_features * m.out_features * passes
+            per_token += flops
+            if m is output:
+                head = flops
     cfg = module.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return FlopModel(per_token, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+    return FlopModel(per_token, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim, head,
+                     head_on_supervised and head > 0)
 
 
-def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
-    """Each sample's real length: one per padded row, one per position-id run in a packed row."""
-    mask = batch["attention_mask"].bool()
-    if "position_ids" not in batch:
-        return [int(n) for n in mask.sum(dim=1).tolist()]
-    lengths = []
-    for row_mask, row_pos in zip(mask, batch["position_ids"]):
-        pos = row_pos[row_mask]
-        starts = (pos == 0).nonzero().flatten().tolist() + [len(pos)]
-        lengths += [b - a for a, b in zip(starts, starts[1:]) if b > a]
-    return lengths
+def sample_lengths(batch: dict) -> list[int]:
+    """Each sample's real length: one per padded row, the host-side lengths of a packed row."""
+    if "seq_lens" in batch:
+        return list(batch["seq_lens"])
+    return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
 
 
 @dataclass
@@ -98,15 +109,17 @@ class StepTokens:
     flops: float = 0.0
 
 
-def count_tokens(micro_batches: list[dict[str, torch.Tensor]], fm: FlopModel, supervised) -> StepTokens:
-    """This rank's counts for one step; `supervised` is harness.loss.supervised_tokens."""
+def count_tokens(micro_batches: list[dict], fm: FlopModel, supervised) -> StepTokens:
+    """Counts of micro-batches read from their tensors; `supervised` is harness.loss.supervised_tokens.
+    (The training loop gets its counts from the data on the host instead: harness.batches.StepData.)"""
     t = StepTokens()
     for b in micro_batches:
         lengths = sample_lengths(b)
+        n_supervised = supervised(b["labels"])
         t.slots += b["input_ids"].numel()
         t.real += sum(lengths)
-        t.supervised += supervised(b["labels"])
-        t.flops += fm.step_flops(sum(lengths), lengths)
+        t.supervised += n_supervised
+        t.flops += fm.step_flops(sum(lengths), lengths, n_supervised)
     return t
 
 

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import torch
 
-from harness import checkpoint, dist, evaluation, export, model as model_mod, rundir
+from harness import checkpoint, dist, evaluation, export, rundir
+from harness import model as model_mod
 from harness.config import TrainConfig
 from harness.engine import Engine, Zero3LoadContext, init_distributed
 from harness.errors import CollectiveTimeout, RequeueRequested, TrainingAborted
-from harness.loss import supervised_tokens
+from harness.batches import Prefetcher
 from harness.metrics import MetricsLogger
 from harness.preflight import TrainSetup, early_checks, preflight
 from harness.schedule import lr_lambda
-from harness.throughput import StepTimer, StepTokens, Window, count_tokens, flop_model, peak_flops, peak_memory
+from harness.throughput import StepTimer, StepTokens, Window, flop_model, peak_flops, peak_memory
 
 
 @dataclass
@@ -93,7 +94,8 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
     dist.print0(f"model {setup.model_path}: attention={setup.attn} dtype={setup.dtype} zero_stage={engine.zero_stage} "
                 f"world_size={info.world_size} global_batch={setup.batch.global_batch_size} steps={total}")
 
-    flops = flop_model(engine.module)
+    # The head runs on supervised positions only with --chunked_ce, and on packed rows (Engine.forward_loss_sum).
+    flops = flop_model(engine.module, head_on_supervised=bool(cfg.chunked_ce) or (cfg.packing and engine.keeps_logits))
     peak, device_name = peak_flops(info.device, setup.dtype)
     dist.print0(f"throughput: {flops.linear_flops_per_token / 1e6:.3f} MFLOP per token in matmuls; "
                 + (f"MFU against {peak / 1e12:.1f} TFLOP/s per device ({device_name}, {setup.dtype})" if peak else device_name))
@@ -109,7 +111,10 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
         timer.stop(t)
         last_saved = step
 
-    with MetricsLogger(out, info.is_rank0, total, start_step) as logger:
+    # The next step's batches are built on a background thread while the device runs this one;
+    # pinned on a GPU so the engine's non_blocking copies overlap with compute.
+    prefetch = Prefetcher(setup.batches, info.rank, total, pin=info.device.type == "cuda")
+    with MetricsLogger(out, info.is_rank0, total, start_step) as logger, prefetch:
         if setup.evaluates and start_step == 0:
             evaluate_and_log(engine, setup, best, info, logger, 0)  # the baseline every later eval is read against
         engine.train()
@@ -119,42 +124,47 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
             dist.heartbeat(step)
             step_start = time.perf_counter()
             lr = engine.lr()  # the rate this step's update uses; the scheduler advances inside the step
+            logs = step % cfg.log_every == 0 or step == total
 
-            # Data: this rank's micro-batches (padded or packed, the same samples either way). Every
-            # rank needs the step's supervised count before its first backward (loss scaling), so
-            # waiting for it is part of getting the data.
+            # Data: this rank's micro-batches (padded or packed, the same samples either way) and the
+            # step's counts on all ranks, which every rank derives from the rows' lengths on the host:
+            # the supervised count that scales the loss is known before the first forward without a
+            # collective or a device read.
             t = timer.start("data")
-            micro_batches = setup.batches(step - 1, info.rank)
-            local = count_tokens(micro_batches, flops, supervised_tokens)
-            step_supervised, step_real, step_slots, step_flops = dist.all_reduce_sum(
-                [local.supervised, local.real, local.slots, local.flops])
+            data = prefetch.get(step - 1)
             timer.stop(t)
 
             # Forward/backward micro-steps accumulate the gradient of the token-weighted step loss;
-            # then the optimizer step.
-            local_loss_sum = 0.0
-            for batch in micro_batches:
-                local_loss_sum += engine.forward_backward(batch, step_supervised, timer).double()
+            # then the optimizer step. The loss sums stay on the device.
+            local_loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+            for batch in data.micro_batches:
+                local_loss_sum += engine.forward_backward(batch, data.supervised, timer).double()
             updated = engine.optimizer_step(timer)
 
-            # Loss and stop vote: one collective for the loss and for "has any rank been asked to
-            # stop"; it is also the step's sync point, so the loss is read from the device here.
-            loss_sum, stop_votes = dist.all_reduce_sum([float(local_loss_sum), float(stop.requested)])
-            loss = loss_sum / step_supervised
+            # The step's ONE device-to-host read (the sync budget; tests/test_sync.py counts it):
+            # one all-reduce sums the loss (for the NaN guard and the log line) and the stop votes
+            # ("has any rank been asked to stop"), and one copy brings them to the host, with the
+            # gradient norm on log steps. It waits for the step to finish, which the reads inside
+            # DeepSpeed's step (the overflow check, the clipping norm) already did.
+            norm = engine.last_grad_norm() if logs else None
+            loss_sum, stop_votes, *read_norm = dist.sum_and_read([local_loss_sum, float(stop.requested)],
+                                                                 [norm] if norm is not None else [])
+            loss = loss_sum / data.supervised
             losses.append(loss)
-            tokens_seen += int(step_real)
+            tokens_seen += data.real
             step_time = time.perf_counter() - step_start
-            window.add(StepTokens(int(step_slots), int(step_real), int(step_supervised), step_flops))
+            window.add(StepTokens(data.slots, data.real, data.supervised,
+                                  flops.step_flops(data.real, data.sample_lengths, data.supervised)))
 
             guard.check(step, updated and math.isfinite(loss), loss, logger)
 
-            if step % cfg.log_every == 0 or step == total:
+            if logs:
                 # Rates, MFU and the phase breakdown cover every step since the last log line,
                 # checkpoint saves included, evaluation excluded.
                 rates = window.record()
                 logger.log(step, {
-                    "loss": loss, "lr": lr, "grad_norm": engine.last_grad_norm(),
-                    "tokens": tokens_seen, "supervised_tokens": int(step_supervised),
+                    "loss": loss, "lr": lr, "grad_norm": read_norm[0] if read_norm else None,
+                    "tokens": tokens_seen, "supervised_tokens": data.supervised,
                     **rates, "step_time_s": step_time, **timer.take(), **peak_memory(info.device),
                     "epoch": step / setup.sampler.steps_per_epoch,
                 })
@@ -177,6 +187,8 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
             if stop_votes > 0:
                 if last_saved != step:
                     save(step)
+                # The batch script requeues on this marker: srun's exit status can be lost to another node's teardown.
+                checkpoint.mark_requeue(out, out / "checkpoints" / f"step-{step}", info)
                 message = (f"stop requested by signal: saved {out / 'checkpoints' / f'step-{step}'}; exiting with "
                            f"{RequeueRequested.exit_code} (resume with --resume auto)")
                 logger.write(message)
@@ -202,7 +214,9 @@ def build_engine(setup: TrainSetup) -> Engine:
     model = model_mod.load_model(setup.model_path, setup.dtype, setup.attn, cfg.grad_ckpt, cfg.trust_remote_code)
     if cfg.lora:
         model = model_mod.apply_lora(model, cfg)
-    engine = Engine(model, setup.ds_config, lr_lambda(cfg, setup.total_steps), cfg.chunked_ce)
+    # --chunked_ce: a fixed number of chunks per training forward, enough for the fullest micro-batch.
+    ce_chunks = -(-cfg.micro_batch_size * setup.seq_len // cfg.chunked_ce) if cfg.chunked_ce else 0
+    engine = Engine(model, setup.ds_config, lr_lambda(cfg, setup.total_steps), cfg.chunked_ce, ce_chunks)
     load_ctx.release()
     return engine
 

@@ -26,4 +26,9 @@ constraints=$(mktemp)
 trap 'rm -f "$constraints"' EXIT
 "$PY" -c 'import torch; print("torch==" + torch.__version__)' > "$constraints"
 "$PY" -m pip install -q -c "$constraints" -e '.[dev]'
+# DeepSpeed compiles its C++ ops on first use: every run on CPU its communication op (~35 s), runs
+# that offload the optimizer DeepSpeedCPUAdam (~1 min). Build them now, so no run starts with a
+# compile, or waits on another's. Cached per machine (torch_extensions, -march=native): run setup
+# on the kind of machine that trains. Instant when they are already built.
+"$PY" -c 'from harness.engine import build_ops; build_ops()'
 "$PY" -c 'import torch, deepspeed, transformers; print(f"ready: torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}")' 2>/dev/null | tail -1

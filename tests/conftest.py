@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -21,11 +22,12 @@ LAUNCHER_ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MA
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# DeepSpeed JIT-builds a comm op on its first CPU start. The build's hash includes the venv's path,
-# so venvs sharing one extensions folder rebuild it in turn and wait on each other's lock; one
-# folder per venv builds it once.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+if not torch.cuda.is_available():
+    # DeepSpeed would pick the CPU accelerator anyway, with a warning per process; on a GPU machine
+    # it must pick CUDA, or the cuda-marked tests would train on the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed's ops are compiled once by scripts/setup.sh into the default extensions folder, which
+# the tests use as every run does (a folder of the tests' own would compile them again).
 
 
 @pytest.fixture(scope="session", autouse=True)

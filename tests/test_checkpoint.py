@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -588,3 +587,67 @@ def test_a_stopped_rank_is_named_by_the_hang_timeout(tiny_model, parity_data, tm
                              as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
     assert proc.returncode != 0
     assert "lagging: rank 1 (last at step 3; no sign of life for" in proc.stderr, proc.stderr[-3000:]
+# -- safe loading: a checkpoint file that would run code is refused -----------------------------
+
+class CodeOnLoad:
+    """Unpickling this runs code (it writes `marker`): what a crafted checkpoint file carries."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def plant_payload(ckpt, pattern: str, marker):
+    """Replace one DeepSpeed file of `ckpt` by a payload and reseal the manifest, so that the
+    checkpoint still verifies and only the loading itself can refuse it."""
+    target = next((ckpt / "ds").glob(pattern))
+    torch.save({"module": CodeOnLoad(marker), "optimizer_state_dict": {}}, target)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    with open(target, "rb") as f:  # its size and content hash, as a save would have recorded them
+        manifest["files"][str(target.relative_to(ckpt))] = {"size": target.stat().st_size,
+                                                            checkpoint.HASH: checkpoint.file_hash(f)}
+    checkpoint.write_json(ckpt / checkpoint.MANIFEST, manifest)
+    assert checkpoint.verify(ckpt)[0] is not None and checkpoint.verify_content(ckpt, manifest) == ""
+    torch.load(target, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.read_text() == "code ran"
+    marker.unlink()
+    return target
+
+
+def assert_refused(proc, target, marker):
+    assert proc.returncode != 0
+    assert f"error: refusing to load {target}: unpickling it needs exec" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
+
+
+@pytest.mark.parametrize("pattern", ["*model_states.pt", "*optim_states.pt"])
+def test_resume_refuses_a_checkpoint_file_that_would_run_code(pattern, uninterrupted, tiny_model, parity_data,
+                                                              tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    marker = tmp_path / "marker"
+    target = plant_payload(out / "checkpoints" / "step-8", pattern, marker)
+    proc = launch("python", 1, as_argv(ckpt_flags(tiny_model, parity_data, out, resume="auto")))
+    assert_refused(proc, target, marker)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_universal_conversion_and_export_refuse_a_checkpoint_file_that_would_run_code(uninterrupted, tiny_model,
+                                                                                     parity_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    marker = tmp_path / "marker"
+    target = plant_payload(out / "checkpoints" / "step-8", "*optim_states.pt", marker)
+    # Written by 1 rank, resumed on 2 (same global batch): DeepSpeed's universal converter reads it.
+    proc = launch("torchrun", 2, as_argv(ckpt_flags(tiny_model, parity_data, out, micro_batch_size=2, resume="auto")))
+    assert_refused(proc, target, marker)
+    assert not (out / "checkpoints" / "step-8" / "ds_universal").exists()
+
+    exported = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), str(out / "checkpoints" / "step-8"),
+                           str(exported)], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS})
+    assert_refused(proc, target, marker)
+    assert proc.returncode == 2 and not exported.exists()

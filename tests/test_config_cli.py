@@ -140,3 +140,15 @@ def test_an_error_never_shares_a_line_with_the_progress_bar(capsys, monkeypatch)
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").split("\n") if "error:" in line]
     assert lines == ["error: the disk is full"], err
+@pytest.mark.parametrize("args", [["--template", "{instruction} -> "], ["--template={instruction} -> "],
+                                  ["--labels", "negative,positive"], ["--model", "007"]])
+def test_text_flags_arrive_as_typed(args, monkeypatch):
+    """python-fire reads values as Python literals ({x} is a set, a,b a tuple, 007 an int); text flags must not."""
+    from harness.cli import command
+
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    command(TrainConfig, lambda cfg: seen.update(cfg=cfg), "test")(**{"template": {"instruction"}, "labels": ("negative", "positive"), "model": 7})
+    name = args[0].lstrip("-").split("=")[0]
+    typed = args[0].split("=", 1)[1] if "=" in args[0] else args[1]
+    assert getattr(seen["cfg"], name) == typed

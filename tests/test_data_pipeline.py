@@ -114,6 +114,32 @@ def test_waiting_ranks_get_rank0_error(cache_env, tmp_path):
         load(data_path=bad, local_rank=1)  # finds the error file of this job's nonce
 
 
+def test_data_is_hashed_once_per_node(cache_env, monkeypatch):
+    """The cache key costs O(file size) on local rank 0 only; the other ranks read its result."""
+    load, path, _ = cache_env
+    hashed, real = [], data_cache.file_digest
+    monkeypatch.setattr(data_cache, "file_digest", lambda p: hashed.append(p) or real(p))
+    results = {}
+    waiter = threading.Thread(target=lambda: results.update(rank1=load(local_rank=1, count=False)))
+    waiter.start()
+    ds, hit = load(local_rank=0, count=False)
+    waiter.join(timeout=30)
+    assert hashed == [path] and results["rank1"][0]["input_ids"] == ds["input_ids"]
+    hashed.clear()
+    load(local_rank=0, count=False)  # a cache hit still hashes the file (its content is the key), once
+    assert hashed == [path]
+
+
+def test_prepared_folder_is_trusted_by_its_key(cache_env, tmp_path, monkeypatch):
+    load, path, model = cache_env
+    out = tmp_path / "prepared"
+    prepare(PrepareConfig(data=str(path), output=str(out), model=str(model), seq_len=64))
+    hashed = []
+    monkeypatch.setattr(data_cache, "file_digest", lambda p: hashed.append(p) or "")
+    ds, hit = load(data_path=out)
+    assert hit and not hashed and len(ds) == len(ROWS)  # neither the folder nor the data is hashed
+
+
 # -- preflight report ------------------------------------------------------------------------
 
 def test_preflight_report_counts_on_a_crafted_file(tiny_model, tmp_path):
@@ -234,6 +260,49 @@ def test_prepare_data_folder_is_accepted_by_train(tiny_model, parity_data, tmp_p
     assert [r.input_ids for r in from_folder.train_rows] == [r.input_ids for r in from_file.train_rows]
     with pytest.raises(HarnessError, match="prepared with other seq_len"):
         preflight(TrainConfig(data=str(out), **{**flags, "seq_len": 128}), CPU1)
+
+
+TASK_ROWS = {  # each task's rows under field names that are not its defaults, and the flags naming them
+    "instruction": ([{"task": f"Repeat {w}.", "extra": "", "response": f"{w} {w}"} for w in "abcdefgh"],
+                    dict(instruction_field="task", input_field="extra", output_field="response")),
+    "qa": ([{"passage": r["context"], "query": r["question"], "golds": r["answers"]}
+            for r in default_assets.generate_qa_rows(8, 0)],
+           dict(context_field="passage", question_field="query", answers_field="golds")),
+    "summarization": ([{"article": f"the {w} sat on the mat all day.", "highlights": f"{w} sat."} for w in "abcdefgh"],
+                      dict(document_field="article", summary_field="highlights")),
+    "translation": ([{"pair": {"de": f"das {w}", "en": f"the {w}"}} for w in "abcdefgh"],
+                    dict(source_field="pair.de", target_field="pair.en", source_lang="German", target_lang="English")),
+    "ner": ([{"words": ["Ada", "went", "to", w], "bio": ["B-PER", "O", "O", "B-LOC"]} for w in "abcdefgh"],
+            dict(tokens_field="words", tags_field="bio")),
+    "chat": ([{"turns": [{"speaker": "user", "text": f"say {w}"}, {"speaker": "assistant", "text": w}]}
+              for w in "abcdefgh"],
+             dict(messages_field="turns", message_keys="speaker,text",
+                  chat_template="{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}{% if m['role'] == "
+                                "'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+                                "{% if add_generation_prompt %}assistant:\n{% endif %}")),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_ROWS))
+def test_prepare_data_takes_each_task_with_custom_fields(task, tiny_model, tmp_path):
+    """prepare_data tokenizes as training does for every task, its field flags included."""
+    rows, fields = TASK_ROWS[task]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    flags = dict(task=task, seq_len=128, **fields)
+    out = tmp_path / "prepared"
+    summary = prepare(PrepareConfig(data=str(path), output=str(out), model=str(tiny_model), micro_batch_size=2, **flags))
+    assert summary["rows_kept"] == len(rows) and 0 < summary["bin_fill_rate"] <= 1
+    recorded = json.loads(json.loads((out / data_cache.PREPARED_FILE).read_text())["key_inputs"]["task"])
+    assert all(recorded[name] == value for name, value in fields.items())
+    run = dict(model=str(tiny_model), output_dir=str(tmp_path / "r"), micro_batch_size=2, data_cache=str(tmp_path / "c"))
+    from_folder = preflight(TrainConfig(data=str(out), **run, **flags), CPU1)
+    from_file = preflight(TrainConfig(data=str(path), **run, **flags), CPU1)
+    assert from_folder.report["sources"][0]["tokenization_cache_hit"]
+    assert [r.input_ids for r in from_folder.train_rows] == [r.input_ids for r in from_file.train_rows]
+    assert from_folder.fingerprints["data_fingerprint"] == from_file.fingerprints["data_fingerprint"]
+    other = {name: value + "_x" for name, value in list(fields.items())[:1]}
+    with pytest.raises(HarnessError, match="prepared with other task"):
+        preflight(TrainConfig(data=str(out), **run, **{**flags, **other}), CPU1)
 
 
 def test_prepare_data_takes_every_task_flag_of_training(tiny_model, tmp_path):

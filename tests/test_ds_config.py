@@ -86,3 +86,31 @@ def test_missing_and_invalid_files(tmp_path):
 def test_batch_sizes_are_the_one_computation():
     sizes = BatchSizes(micro_batch_size=3, grad_accum_steps=2, world_size=4)
     assert sizes.global_batch_size == 24 and sizes.rows_per_rank_step == 6
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bf16_accumulates_gradients_in_fp32(name):
+    cfg = TrainConfig(micro_batch_size=2, grad_accum_steps=8)
+    bf16 = ds_config.fill(ds_config.load(name), cfg, BatchSizes(2, 8, 1), "bf16", on_cpu=False)
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    fp32 = ds_config.fill(ds_config.load(name), cfg, BatchSizes(2, 8, 1), "fp32", on_cpu=False)
+    assert "data_types" not in fp32  # nothing to widen
+    raw = ds_config.load(name)
+    raw["data_types"] = {"grad_accum_dtype": "bf16"}  # a user's explicit choice stays
+    assert ds_config.fill(raw, cfg, BatchSizes(2, 8, 1), "bf16", on_cpu=False)["data_types"]["grad_accum_dtype"] == "bf16"
+
+
+def test_a_bf16_run_accumulates_in_fp32_and_says_so(tiny_model, parity_data, tmp_path):
+    import torch
+
+    from conftest import parity_flags
+    from harness.train import run
+
+    result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "run", dtype="bf16", max_steps=2,
+                                            micro_batch_size=2, grad_accum_steps=2)))
+    written = json.loads((result.output_dir / "config.json").read_text())
+    assert written["ds_config"]["data_types"] == {"grad_accum_dtype": "fp32"}
+    # DeepSpeed's ZeRO optimizer took it: bf16 weights, fp32 gradient accumulation buffers.
+    assert result.engine.optimizer.gradient_accumulation_dtype == torch.float32
+    assert result.engine.optimizer.dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -92,7 +92,7 @@ def test_flash_attention_without_the_package(good):
 
 
 def test_unknown_task(good):
-    check("--task 'translation' is not one of", **{**good, "task": "translation"})
+    check("--task 'poetry' is not one of", **{**good, "task": "poetry"})
 
 
 def test_too_few_rows(good, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import LAUNCHER_ENV_VARS, ROOT, launch_ok, read_metrics
+from harness import checkpoint
+from harness.config import TrainConfig
 
 SCRIPTS = (sorted((ROOT / "slurm").glob("*.sbatch")) + sorted((ROOT / ".ci").glob("*.sh"))
            + sorted((ROOT / "scripts").rglob("*.sh")) + [ROOT / ".ci" / "run"])
@@ -62,7 +65,7 @@ def dry_run(tmp_path, args: list[str], **slurm_env) -> subprocess.CompletedProce
     scontrol.write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && tr , "\\n" <<<"$3"\n')
     scontrol.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_ENV_VARS
-           and k not in ("NPROC_PER_NODE", "PYTHON")}
+           and k not in ("NPROC_PER_NODE", "PYTHON", "OMP_NUM_THREADS")}
     env.update(PATH=f"{fake_bin}:{env['PATH']}", HARNESS_SLURM_DRY_RUN="1", HARNESS_ROOT=str(ROOT), **slurm_env)
     return subprocess.run(["bash", str(TRAIN_SBATCH), *args], env=env, capture_output=True, text=True)
 
@@ -84,20 +87,25 @@ TRAIN_ARGS = ["--ds_config", "zero3", "--template", "Q: {instruction} {input}\nA
 
 def test_launch_line_one_node_cpu(tmp_path):
     srun, torchrun, train = launch_line(tmp_path, TRAIN_ARGS, SLURM_JOB_ID="4242", SLURM_NNODES="1",
-                                        SLURM_JOB_NODELIST="gpu-a17")
+                                        SLURM_JOB_NODELIST="gpu-a17", SLURM_CPUS_ON_NODE="32")
     assert srun[0] == "srun" and "--kill-on-bad-exit=1" in srun
     assert "--nodes=1" in srun and "--ntasks-per-node=1" in srun
+    # The one rank and its CPU-offloaded optimizer get the whole node, not the 1 CPU srun's default.
+    assert "--cpus-per-task=32" in srun and "--export=ALL,OMP_NUM_THREADS=32" in srun
     assert srun[-1].endswith("python") or srun[-1].endswith("python3")
     assert "--nnodes=1" in torchrun and "--nproc_per_node=1" in torchrun  # CPU: one rank per node
     assert "--rdzv_backend=c10d" in torchrun and "--rdzv_id=4242" in torchrun
     assert f"--rdzv_endpoint=gpu-a17:{10000 + 4242 % 20000}" in torchrun
+    assert "--tee=3" in torchrun  # every rank's lines reach the log, labelled by node and rank
     assert train == TRAIN_ARGS  # passed through unchanged, quoting kept
 
 
 def test_launch_line_many_nodes_gpus(tmp_path):
     srun, torchrun, train = launch_line(tmp_path, TRAIN_ARGS, SLURM_JOB_ID="987654", SLURM_NNODES="3",
-                                        SLURM_JOB_NODELIST="gpu-b3,gpu-b4,gpu-b9", SLURM_GPUS_ON_NODE="8")
+                                        SLURM_JOB_NODELIST="gpu-b3,gpu-b4,gpu-b9", SLURM_GPUS_ON_NODE="8",
+                                        SLURM_CPUS_ON_NODE="96")
     assert "--nodes=3" in srun and "--ntasks-per-node=1" in srun  # one torchrun per node, not per GPU
+    assert "--cpus-per-task=96" in srun and "--export=ALL,OMP_NUM_THREADS=12" in srun  # 96 CPUs / 8 ranks
     assert "--nnodes=3" in torchrun and "--nproc_per_node=8" in torchrun
     assert f"--rdzv_endpoint=gpu-b3:{10000 + 987654 % 20000}" in torchrun  # the first node hosts it
     assert "--rdzv_id=987654" in torchrun
@@ -109,6 +117,38 @@ def test_launch_line_overrides(tmp_path):
                                  SLURM_GPUS_ON_NODE="8", NPROC_PER_NODE="2", MASTER_ADDR="10.0.0.5",
                                  MASTER_PORT="29500")
     assert "--nproc_per_node=2" in torchrun and "--rdzv_endpoint=10.0.0.5:29500" in torchrun
+
+
+@pytest.mark.parametrize("slurm_env, expected", [
+    # sbatch --cpus-per-task 16 narrows the task (srun is told again: it does not inherit it).
+    (dict(SLURM_CPUS_PER_TASK="16", SLURM_CPUS_ON_NODE="96", SLURM_GPUS_ON_NODE="8"), ("16", "2")),
+    # More ranks than CPUs: at least one thread each.
+    (dict(SLURM_CPUS_PER_TASK="4", SLURM_GPUS_ON_NODE="8"), ("4", "1")),
+    # The user's own OMP_NUM_THREADS wins.
+    (dict(SLURM_CPUS_ON_NODE="96", SLURM_GPUS_ON_NODE="8", OMP_NUM_THREADS="6"), ("96", "6")),
+])
+def test_launch_line_cpus_and_threads_per_rank(tmp_path, slurm_env, expected):
+    srun, _, _ = launch_line(tmp_path, [], SLURM_JOB_ID="7", SLURM_NNODES="2", SLURM_JOB_NODELIST="a,b",
+                             **slurm_env)
+    cpus, threads = expected
+    assert f"--cpus-per-task={cpus}" in srun and f"--export=ALL,OMP_NUM_THREADS={threads}" in srun
+
+
+def test_train_sbatch_asks_for_whole_nodes():
+    directives = [line.split()[1] for line in TRAIN_SBATCH.read_text().splitlines() if line.startswith("#SBATCH ")]
+    assert "--exclusive" in directives and "--mem=0" in directives and "--ntasks-per-node=1" in directives
+
+
+@pytest.mark.parametrize("args, marker", [
+    ([], f"{TrainConfig.__dataclass_fields__['output_dir'].default}/.requeue"),  # the flag's default
+    (["--output_dir", "runs/a b"], "runs/a b/.requeue"),
+    (["--max_steps", "5", "--output_dir=/scratch/x"], "/scratch/x/.requeue"),
+    (["--output-dir", "y", "--lr", "1e-4"], "y/.requeue"),
+])
+def test_requeue_marker_is_looked_for_in_the_run_directory(tmp_path, args, marker):
+    proc = dry_run(tmp_path, args, SLURM_JOB_ID="7", SLURM_NNODES="1", SLURM_JOB_NODELIST="a")
+    assert proc.returncode == 0 and f"requeue marker: {marker}\n" in proc.stderr
+    assert marker.endswith(checkpoint.REQUEUE_MARKER)
 
 
 def test_requeued_attempt_adds_resume_auto_once(tmp_path):
@@ -156,10 +196,11 @@ def job_info(job_id: str) -> dict[str, str]:
 
 
 def submit(tmp_path, args: list[str], sbatch_flags: list[str] = (), script: Path = TRAIN_SBATCH,
-           log_name: str = "slurm.log") -> tuple[str, Path]:
+           log_name: str = "slurm.log", python: str = sys.executable) -> tuple[str, Path]:
     log = tmp_path / log_name
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_ENV_VARS}
-    env["PYTHON"] = sys.executable  # the venv that runs the tests, on every node
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_ENV_VARS
+           and k != "OMP_NUM_THREADS"}
+    env["PYTHON"] = python  # by default the venv that runs the tests, on every node
     proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_flags, str(script), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -193,6 +234,9 @@ def assert_complete_run(run: Path, steps: int, log: Path):
 
 STEPS = 200
 FLAGS = ["--max_steps", str(STEPS), "--ds_config", "zero2", "--seed", "3"]
+# Both emulated nodes are this machine and each claims all its cores: one CPU per node's task (and
+# so one thread per rank) keeps the two ranks from oversubscribing the cores they share.
+ONE_CPU = ["--cpus-per-task=1"]
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +246,7 @@ def uninterrupted(tiny_model, tmp_path_factory):
     if why_not:
         pytest.skip(why_not)  # the `cluster` fixture of each test decides between skip and failure
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    job_id, log = submit(tmp, [*FLAGS, "--output_dir", str(tmp / "run")])
+    job_id, log = submit(tmp, [*FLAGS, "--output_dir", str(tmp / "run")], ONE_CPU)
     return tmp / "run", log, wait_for_end(job_id, log)
 
 
@@ -213,14 +257,65 @@ def test_two_nodes_train_one_job(cluster, uninterrupted):
     assert info["NumNodes"] == "2" and info["Restarts"] == "0"
     assert_complete_run(run, STEPS, log)
     text = log.read_text(errors='replace')
-    assert "2 node(s) x 1 rank(s)" in text and "attempt 1 ended with status 0" in text
+    assert "2 node(s) x 1 rank(s), 1 CPU(s) per node, 1 thread(s) per rank" in text
+    assert "attempt 1 ended with status 0" in text
+
+    # Every line a rank printed says which node and which rank printed it.
+    labelled = re.findall(r"^\[(node\d) rank (\d+)\]: (.*)$", text, re.MULTILINE)
+    node_of = {}
+    for node, rank, _ in labelled:
+        assert node_of.setdefault(rank, node) == node, f"rank {rank} labelled with two nodes"
+    assert sorted(node_of) == ["0", "1"] and node_of["0"] != node_of["1"], node_of
+    for needle in ("zero_stage=", "final loss"):  # the harness's "model ..." and "done: ..." lines
+        lines = [line for line in text.splitlines() if needle in line]
+        assert lines and all(re.match(r"\[node\d rank 0\]: ", line) for line in lines), lines
 
 
 @pytest.mark.slurm
 def test_preempted_job_saves_requeues_and_resumes_bitwise(cluster, uninterrupted, tmp_path):
     run = tmp_path / "run"
-    job_id, log = submit(tmp_path, [*FLAGS, "--output_dir", str(run)])
+    job_id, log = submit(tmp_path, [*FLAGS, "--output_dir", str(run)], ONE_CPU)
+    preempt_and_resume(job_id, log, run, uninterrupted)
+    text = log.read_text(errors='replace')
+    assert "attempt 1 ended with status 75" in text and "requeueing job" in text
 
+    # Against torchrun, 2 ranks on one machine, same flags: equal to 1e-6, not bitwise. With all
+    # ranks on one host DeepSpeed's CPU backend all-reduces through its shared-memory kernel
+    # (LOCAL_SIZE == world size, deepspeed/ops/csrc/cpu/comm/shm_interface.cpp); across two nodes
+    # it uses gloo, which sums in another order (measured: 6e-8 apart after 200 steps).
+    plain = tmp_path / "torchrun"
+    launch_ok("torchrun", 2, [*FLAGS, "--output_dir", str(plain)])
+    got, other = load_file(run / "final" / "model.safetensors"), load_file(plain / "final" / "model.safetensors")
+    for name in other:
+        assert (got[name] - other[name]).abs().max().item() <= 1e-6, name
+
+
+@pytest.mark.slurm
+def test_preempted_job_requeues_although_a_node_exits_late(cluster, uninterrupted, tmp_path):
+    """srun's status is not the requeue signal: a node that takes long to tear down is killed by
+    --kill-on-bad-exit once the first node exits 75, and srun then returns 143."""
+    late = tmp_path / "python-late"
+    late.write_text(f"""#!/usr/bin/env bash
+# Stand-in for the interpreter on every node: on the job's second node, a failing exit (the ranks'
+# 75) is followed by a minute of teardown, like a node whose NCCL or file system hangs on the way out.
+trap '' USR1  # like slurm/torchrun.py: the preemption signal is for the ranks
+{sys.executable} "$@"
+status=$?
+if [ "$status" -ne 0 ] && [ "$SLURM_NODEID" = 1 ]; then sleep 60; fi
+exit "$status"
+""")
+    late.chmod(0o755)
+    run = tmp_path / "run"
+    job_id, log = submit(tmp_path, [*FLAGS, "--output_dir", str(run)], ONE_CPU, python=str(late))
+    preempt_and_resume(job_id, log, run, uninterrupted)
+    text = log.read_text(errors='replace')
+    status = re.search(r"attempt 1 ended with status (\d+)", text).group(1)
+    assert status not in ("0", "75"), f"the late node did not change srun's status ({status}): nothing was tested"
+    assert "requeueing job" in text and '"checkpoint": ' in text  # requeued on the marker rank 0 wrote
+
+
+def preempt_and_resume(job_id: str, log: Path, run: Path, uninterrupted):
+    """SIGUSR1 mid-run; the job must save, requeue, resume and finish equal to the uninterrupted one."""
     deadline = time.time() + 300
     while not (run / "metrics.jsonl").exists() or len(read_metrics(run)) < 5:
         assert time.time() < deadline and job_info(job_id)["JobState"] in ("PENDING", "RUNNING"), \
@@ -233,8 +328,8 @@ def test_preempted_job_saves_requeues_and_resumes_bitwise(cluster, uninterrupted
     text = log.read_text(errors='replace')
     assert info["JobState"] == "COMPLETED", text[-4000:]
     assert info["Restarts"] == "1", text[-4000:]
-    assert "attempt 1 ended with status 75" in text and "requeueing job" in text
     assert "attempt 2 on" in text and "attempt 2 ended with status 0" in text  # one log, both attempts
+    assert not (run / checkpoint.REQUEUE_MARKER).exists()  # the second attempt cleared the first one's
     saved = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
     assert saved and all(5 <= s < STEPS for s in saved), saved
     assert_complete_run(run, STEPS, log)
@@ -247,16 +342,6 @@ def test_preempted_job_saves_requeues_and_resumes_bitwise(cluster, uninterrupted
         assert got[name].equal(want[name]), name
     losses = {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
     assert losses == {m["step"]: m["loss"] for m in read_metrics(ref) if "loss" in m}
-
-    # Against torchrun, 2 ranks on one machine, same flags: equal to 1e-6, not bitwise. With all
-    # ranks on one host DeepSpeed's CPU backend all-reduces through its shared-memory kernel
-    # (LOCAL_SIZE == world size, deepspeed/ops/csrc/cpu/comm/shm_interface.cpp); across two nodes
-    # it uses gloo, which sums in another order (measured: 6e-8 apart after 200 steps).
-    plain = tmp_path / "torchrun"
-    launch_ok("torchrun", 2, [*FLAGS, "--output_dir", str(plain)])
-    other = load_file(plain / "final" / "model.safetensors")
-    for name in want:
-        assert (got[name] - other[name]).abs().max().item() <= 1e-6, name
 
 
 @pytest.mark.slurm

@@ -90,6 +90,10 @@ def test_grad_ckpt_and_eager_attention_give_the_same_losses(reference_run, tiny_
     assert getattr(module, "is_activation_checkpointing", None) or module.is_gradient_checkpointing
     assert json.loads((result.output_dir / "config.json").read_text())["resolved"]["attn_implementation"] == "eager"
     assert result.losses == pytest.approx(losses, abs=TOL)
+    # Packed rows under checkpointing: backward recomputes each layer with the packed attention too.
+    result = run(TrainConfig(**parity_flags(tiny_model, parity_data, tmp_path / "packed", grad_ckpt=True, attn="eager",
+                                            packing=True, seq_len=128, micro_batch_size=2, grad_accum_steps=2)))
+    assert result.losses == pytest.approx(losses, abs=TOL)
 
 
 def test_zero3_shards_at_load_time(tiny_model):
