@@ -9,8 +9,9 @@ The harness has seams the faults wrap from outside:
   - `harness.engine.Engine.forward_loss_sum`: `nan_at_steps` poisons the training loss there, and
     `at="forward"` fires just before it (inside a step, after its heartbeat);
   - `harness.model.load_model`: `at="load_model"` fires just before the model loads;
-  - `harness.dist.all_reduce_sum`: `at="collective"` fires just before it (the first one of a
-    step follows its heartbeat);
+  - `harness.dist.all_reduce_sum` and `harness.dist.sum_and_read`: `at="collective"` fires just
+    before either (in a training step, sum_and_read's all-reduce is the step's own, after its
+    optimizer step);
   - `harness.engine.Engine.optimizer_step`: `nan_weights_at_steps` writes a NaN into a weight
     right after the update of those steps (into this rank's shard under ZeRO-3).
 
@@ -110,6 +111,13 @@ def install(patch, at: str = "", action: str = "", step: int | None = None, rank
         return all_reduce_sum(values)
 
     patch(dist, "all_reduce_sum", all_reduce_sum_with_faults)
+    sum_and_read = dist.sum_and_read
+
+    def sum_and_read_with_faults(*args, **kwargs):
+        fire("collective")
+        return sum_and_read(*args, **kwargs)
+
+    patch(dist, "sum_and_read", sum_and_read_with_faults)
 
     if nan_weights_at_steps:
         optimizer_step = Engine.optimizer_step

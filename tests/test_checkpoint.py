@@ -579,10 +579,10 @@ def test_usr1_while_the_model_loads_saves_at_the_first_step(tiny_model, parity_d
 
 @pytest.mark.slow
 def test_a_stopped_rank_is_named_by_the_hang_timeout(tiny_model, parity_data, tmp_path):
-    # SIGSTOP inside step 3, after its heartbeat: both ranks report step 3, only liveness tells them
-    # apart. (Stopped before the step's first collective: a rank stopped later, inside backward,
-    # leaves the others in DeepSpeed's shared-memory all-reduce of the CPU accelerator, which has
-    # no timeout at all; NCCL's does.)
+    # SIGSTOP inside step 3, after its heartbeat and its optimizer step, before the step's own
+    # all-reduce (loss and stop votes): both ranks report step 3, only liveness tells them apart.
+    # (Not inside backward: that leaves the others in DeepSpeed's shared-memory all-reduce of the
+    # CPU accelerator, which has no timeout at all; NCCL's does.)
     proc = launch_with_fault(dict(at="collective", action="stop", rank=1, step=3), "torchrun", 2,
                              as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
     assert proc.returncode != 0
