@@ -6,14 +6,19 @@ Layout of one checkpoint, `output_dir/checkpoints/step-N/`:
     trainer_state.json   step, data position, token counters, bad-step count, fingerprints, resolved config
     rng-rank{R}.json     each rank's python / numpy / torch (/ cuda) RNG states
     hf/                  model config + tokenizer, so launch/export.py needs nothing else
-    manifest.json        written last: every file with its size, step, world size, ZeRO stage, version
+    manifest.json        written last: every file with its size and content hash, step, world size, ZeRO stage, version
 
-Commit protocol (`save`, one named function per stage): every rank writes into `step-N.tmp/`
-and fsyncs its own files; all ranks agree that writing succeeded; only then rank 0 writes the
-manifest, renames the folder to `step-N/` and replaces `latest` atomically. A folder whose
-manifest is missing or does not match the files on disk is never resumed from and never counts
-as a kept checkpoint, so a `kill -9` at any moment leaves either the previous checkpoint or the
-new one, never a half one.
+Commit protocol (`save`, one named function per stage): all ranks first agree that every weight is
+finite (a checkpoint of NaN weights is never written); every rank writes into `step-N.tmp/`, then
+hashes (xxh3_64) and fsyncs its own files; all ranks agree that writing succeeded and pool their
+hashes; only then rank 0 writes the manifest, renames the folder to `step-N/` and replaces
+`latest` atomically. A folder whose manifest is missing or does not match the files on disk is
+never resumed from and never counts as a kept checkpoint, so a `kill -9` at any moment leaves
+either the previous checkpoint or the new one, never a half one.
+
+Verification has two depths: `verify` compares sizes (cheap: discovery, retention), and
+`verify_content` re-hashes every file against the manifest, the files shared out over the ranks;
+a checkpoint is resumed from (and named as the one to go back to) only after both.
 
 The data position needs no sampler state: the rows of step N are a pure function of
 (seed, N, global batch) (`data.StepSampler`), so the step counter is the position.
@@ -21,6 +26,7 @@ The data position needs no sampler state: the rows of step N are a pure function
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -28,15 +34,21 @@ import re
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from harness import __version__, dist
-from harness.errors import HarnessError, RequeueRequested
+from harness.config import MAY_CHANGE_ON_RESUME, TrainConfig
+from harness.errors import HarnessError, NonFiniteWeights, RequeueRequested
 
 MANIFEST = "manifest.json"
+HASH = "xxh3_64"  # fast (GB/s), enough to detect a changed byte; not a defence against a crafted file
+HASH_BLOCK = 8 << 20
 STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -69,11 +81,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path, owned) -> None:
+def fsync_tree(root: Path, owned) -> dict[str, str]:
+    """fsync the files this rank wrote and hash them in the same pass (read back from the page
+    cache right after writing): {path relative to root: xxh3_64 hex digest}."""
+    digests = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and owned(path):
             with open(path, "rb+") as f:
+                digests[str(path.relative_to(root))] = file_hash(f)
                 os.fsync(f.fileno())
+    return digests
+
+
+def file_hash(f) -> str:
+    digest = xxhash.xxh3_64()
+    for block in iter(lambda: f.read(HASH_BLOCK), b""):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def owned_by(rank: int):
@@ -121,8 +145,9 @@ def verify(step_dir: Path) -> tuple[dict | None, str]:
         return None, "no manifest (the save did not finish)"
     except (OSError, ValueError) as err:
         return None, f"unreadable manifest ({err})"
-    for rel, size in manifest.get("files", {}).items():
+    for rel, entry in manifest.get("files", {}).items():
         path = step_dir / rel
+        size = entry["size"] if isinstance(entry, dict) else entry  # an int: written before content hashes
         if not path.is_file():
             return None, f"{rel} is missing"
         if path.stat().st_size != size:
@@ -130,6 +155,32 @@ def verify(step_dir: Path) -> tuple[dict | None, str]:
     if not manifest.get("files"):
         return None, "the manifest lists no files"
     return manifest, ""
+
+
+def verify_content(step_dir: Path, manifest: dict) -> str:
+    """"" if every file's content hash matches the manifest, else what differs. A collective when
+    the job has several ranks (all must call it, for the same checkpoint): the files are shared
+    out by size over the ranks, each hashes its share once, and all learn every mismatch."""
+    files = {rel: e for rel, e in manifest["files"].items() if isinstance(e, dict) and HASH in e}
+    world, rank = dist.world_size_and_rank()
+    load, mine = [0] * world, []
+    for rel in sorted(files, key=lambda r: (-files[r]["size"], r)):  # largest first, to the least-loaded rank
+        owner = load.index(min(load))
+        load[owner] += files[rel]["size"] + 1
+        if owner == rank:
+            mine.append(rel)
+    bad = []
+    for rel in mine:
+        try:
+            with open(step_dir / rel, "rb") as f:
+                got = file_hash(f)
+        except OSError as err:
+            bad.append(f"{rel} cannot be read ({err})")
+            continue
+        if got != files[rel][HASH]:
+            bad.append(f"{rel} does not match its content hash (the file changed after it was written)")
+    bad = sorted(b for found in dist.all_gather_objects(bad) for b in found)
+    return "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -140,10 +191,14 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def newest_verified(root: Path, warn=print) -> Path | None:
+def newest_verified(root: Path, warn=print, content: bool = False) -> Path | None:
+    """The newest checkpoint whose files match the manifest's sizes and, with `content`, hashes
+    (then a collective: every rank must call it)."""
     for step, path in reversed(checkpoints(root)):
         manifest, why = verify(path)
-        if manifest is not None:
+        if manifest is not None and content:
+            why = verify_content(path, manifest)
+        if not why:
             return path
         warn(f"warning: ignoring checkpoint {path}: {why}")
     return None
@@ -169,6 +224,7 @@ def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist
     """Save and commit checkpoint `step-{step}`; every rank must call this."""
     root = out / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    check_weights_finite(engine, step, root)
     error = None
     if info.is_rank0:
         try:
@@ -176,16 +232,21 @@ def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist
         except OSError as err:
             error = f"rank 0: {err}"
     error = dist.agree(error)
+    digests = {}
     if error is None:
+        mine = {}
         try:
             write_engine_state(engine, tmp)
-            write_rank_files(tmp, trainer_state, hf_files, info)
+            mine = write_rank_files(tmp, trainer_state, hf_files, info)
         except OSError as err:
             error = f"rank {info.rank}: {err}"
-        error = dist.agree(error)
+        # One collective: whether every rank's write succeeded, and every rank's file hashes.
+        gathered = dist.all_gather_objects((error, mine))
+        error = next((e for e, _ in gathered if e), None)
+        digests = {rel: h for _, hashes in gathered for rel, h in hashes.items()}
     if error is None and info.is_rank0:
         try:
-            write_manifest(tmp, step, engine.zero_stage, trainer_state["model_fingerprint"], info.world_size)
+            write_manifest(tmp, step, engine.zero_stage, trainer_state["model_fingerprint"], info.world_size, digests)
             commit(tmp, final)
             point_latest(root, final)
             prune(root, keep_last)
@@ -200,6 +261,17 @@ def save(engine, out: Path, step: int, trainer_state: dict, hf_files, info: dist
     return final
 
 
+def check_weights_finite(engine, step: int, root: Path) -> None:
+    """Every rank, before anything is written: a checkpoint of non-finite weights would be
+    resumed from as if it were good."""
+    bad = engine.non_finite_weights()
+    if bad:
+        raise NonFiniteWeights(
+            f"the weights hold NaN or Inf after step {step} ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); "
+            f"checkpoint step-{step} was not written. Newest checkpoint that verifies: "
+            f"{newest_verified(root, warn=lambda _: None, content=True) or 'none'}")
+
+
 def make_staging(tmp: Path) -> None:
     """Rank 0: an empty `step-N.tmp/` (a leftover of a crashed save of the same step is removed)."""
     shutil.rmtree(tmp, ignore_errors=True)
@@ -211,19 +283,27 @@ def write_engine_state(engine, tmp: Path) -> None:
     engine.save_state(tmp / "ds")
 
 
-def write_rank_files(tmp: Path, trainer_state: dict, hf_files, info: dist.DistInfo) -> None:
+def write_rank_files(tmp: Path, trainer_state: dict, hf_files, info: dist.DistInfo) -> dict[str, str]:
     """Every rank: its RNG state; rank 0 also the trainer state and the HF files. Then each rank
-    fsyncs the files it wrote, so the manifest never lists bytes that are not on disk yet."""
+    hashes and fsyncs the files it wrote (its DeepSpeed shards included), so the manifest never
+    lists bytes that are not on disk yet; returns those hashes."""
     write_json(tmp / f"rng-rank{info.rank}.json", rng_state())
     if info.is_rank0:
         write_json(tmp / STATE, trainer_state)
         hf_files(tmp / "hf")
-    fsync_tree(tmp, owned_by(info.rank))
+    return fsync_tree(tmp, owned_by(info.rank))
 
 
-def write_manifest(tmp: Path, step: int, zero_stage: int, model_fingerprint: str, world_size: int) -> None:
+def write_manifest(tmp: Path, step: int, zero_stage: int, model_fingerprint: str, world_size: int,
+                   digests: dict[str, str]) -> None:
     """Rank 0, after every rank's files are on disk: the list that makes the checkpoint verifiable."""
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {}
+    for p in sorted(tmp.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(tmp))
+            if rel not in digests:  # every file has a writer; one that hashed nothing is a bug, not a skip
+                raise RuntimeError(f"no rank hashed {rel} of the checkpoint")
+            files[rel] = {"size": p.stat().st_size, HASH: digests[rel]}
     write_json(tmp / MANIFEST, {"step": step, "world_size": world_size, "zero_stage": zero_stage,
                                 "harness_version": __version__, "files": files, "model_fingerprint": model_fingerprint})
 
@@ -243,20 +323,29 @@ def point_latest(root: Path, final: Path) -> None:
 
 # -- resume -----------------------------------------------------------------------------------
 
-def resolve_resume(resume: str, out: Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start; raise if unusable."""
+def resolve_resume(resume: str, out: Path, content: bool = False, warn=dist.print0) -> Path | None:
+    """The checkpoint folder to resume from, or None for a fresh start; raise if unusable.
+
+    Without `content` only sizes are compared (cheap, no collective: the early input checks);
+    with it every file's hash too, and a checkpoint that fails is passed over with a warning for
+    an older one ("auto", or a run directory), or refused (a checkpoint folder given by name).
+    """
     if not resume:
         return None
     if resume == "auto":
-        return newest_verified(out / "checkpoints", warn=dist.print0)
+        return newest_verified(out / "checkpoints", warn=warn, content=content)
     path = Path(resume)
     if path.is_dir() and not (path / MANIFEST).exists() and (path / "checkpoints").is_dir():
-        path = newest_verified(path / "checkpoints", warn=dist.print0) or path  # a run directory was given
+        path = newest_verified(path / "checkpoints", warn=warn, content=content) or path  # a run directory was given
     if not path.is_dir():
         raise HarnessError(f"--resume {resume}: no such folder")
     manifest, why = verify(path)
     if manifest is None:
         raise HarnessError(f"--resume {resume}: not a complete checkpoint: {why}")
+    if content:
+        why = verify_content(path, manifest)
+        if why:
+            raise HarnessError(f"--resume {resume}: the checkpoint is corrupt: {why}")
     return path
 
 
@@ -278,6 +367,55 @@ def check_compatible(ckpt: Path, expected: dict) -> dict:
     if problems:
         raise HarnessError(f"cannot resume from {ckpt}:\n  " + "\n  ".join(problems))
     return state
+
+
+# ds_config keys that follow the batch flags (the global batch is compared on its own) or are set
+# by the resume itself.
+DS_KEYS_FREE_ON_RESUME = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                          "checkpoint")
+
+
+def resume_changes(ckpt: Path, recorded: dict, now: dict) -> dict:
+    """Compare this run's settings (`now`, preflight's TrainSetup.resolved()) with those the
+    checkpoint recorded: raise naming every difference a resume must not make (every flag outside
+    config.MAY_CHANGE_ON_RESUME, and the resolved seq_len, precision, DeepSpeed config and, where
+    the LR schedule depends on it, length); return {flag: [in the checkpoint, now]} of the others."""
+    flags = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    then_flags, now_flags = {**flags, **recorded.get("config", {})}, now["config"]
+    refused, changed = [], {}
+    for name, value in now_flags.items():
+        if then_flags.get(name) == value:
+            continue
+        if name in MAY_CHANGE_ON_RESUME:
+            changed[name] = [then_flags.get(name), value]
+        else:
+            refused.append(f"--{name} is {value!r}, the checkpoint's run had {then_flags.get(name)!r}")
+    then_res, now_res = recorded.get("resolved", {}), now["resolved"]
+    for key in ("seq_len", "dtype"):
+        if key in then_res and then_res[key] != now_res[key]:
+            refused.append(f"the resolved {key} is {now_res[key]!r}, the checkpoint's run had {then_res[key]!r}")
+    if then_res.get("total_steps", now_res["total_steps"]) != now_res["total_steps"]:
+        cfg = now_flags
+        if cfg["lr_schedule"] != "constant" or cfg["warmup_ratio"] > 0:
+            refused.append(f"the run now has {now_res['total_steps']} steps, the checkpoint's run had "
+                           f"{then_res['total_steps']}, and the {cfg['lr_schedule']} schedule"
+                           f"{' with --warmup_ratio' if cfg['warmup_ratio'] > 0 else ''} depends on it: the learning "
+                           f"rate would jump at the resume (keep --max_steps/--epochs, or start a new run)")
+        else:
+            changed["total_steps"] = [then_res["total_steps"], now_res["total_steps"]]
+
+    def ds(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in DS_KEYS_FREE_ON_RESUME}
+
+    if "ds_config" in recorded and ds(recorded["ds_config"]) != ds(now["ds_config"]):
+        keys = sorted(k for k in {*ds(recorded["ds_config"]), *ds(now["ds_config"])}
+                      if recorded["ds_config"].get(k) != now["ds_config"].get(k))
+        refused.append(f"the filled DeepSpeed config differs in {', '.join(keys)}")
+    if refused:
+        allowed = ", ".join(f"--{n}" for n in MAY_CHANGE_ON_RESUME if n not in ("resume", "overwrite", "local_rank"))
+        raise HarnessError(f"cannot resume from {ckpt}: this run is not the one it saved:\n  " + "\n  ".join(refused)
+                           + f"\nFlags that may change on resume: {allowed} (see docs/checkpoints.md)")
+    return changed
 
 
 def written_world_size(ckpt: Path) -> int:
@@ -327,22 +465,69 @@ def mark_requeue(out: Path, saved: Path, info: dist.DistInfo) -> None:
 
 
 class StopRequest:
-    """SIGUSR1 / SIGTERM only set a flag; the loop acts on it at the next step boundary, after
-    all ranks agree, so a signal that arrives during a save lets that save finish first.
+    """SIGUSR1, SIGTERM and a first Ctrl-C (SIGINT) only set a flag; the loop acts on it at the
+    next step boundary, after all ranks agree: it saves a checkpoint and exits 75. A signal that
+    arrives during a save lets that save finish first; one that arrives before training starts
+    (the checks, the model load: `train.run` installs this first) is kept for the first step.
+
+    A second Ctrl-C, more than INTERRUPT_REPEAT_S after the first, stops the process at once with
+    status 130 (128 + SIGINT) and a one-line message, without saving. It must work while the main
+    thread waits inside a collective or a kernel, where Python runs no signal handler: Python's
+    own C-level handler also writes each signal's number to a pipe (`signal.set_wakeup_fd`), and
+    a thread reading that pipe acts on it. Two Ctrl-C within INTERRUPT_REPEAT_S count as one:
+    torchrun passes the terminal's Ctrl-C on to its workers, which then see it twice.
 
     A context manager: leaving it, however the run ends, gives the process its former handlers
     back (matters when training runs in-process)."""
 
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    INTERRUPT_REPEAT_S = 1.0
+
     def __init__(self):
         self.requested = False
-        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        self._first_interrupt: float | None = None
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        self._pipe_r, self._pipe_w = os.pipe()
+        os.set_blocking(self._pipe_w, False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._pipe_w, warn_on_full_buffer=False)
+        self._watcher = threading.Thread(target=self._watch, name="harness-signals", daemon=True)
+        self._watcher.start()
 
     def _handler(self, signum, frame):
         self.requested = True
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                received = os.read(self._pipe_r, 64)
+            except OSError:
+                return
+            if not received:
+                return  # the pipe was closed: the context ended
+            for signum in received:
+                self.requested = True  # also here: the main thread may be blocked where handlers do not run
+                if signum == signal.SIGINT:
+                    self._interrupt()
+
+    def _interrupt(self) -> None:
+        now = time.monotonic()
+        if self._first_interrupt is None:
+            self._first_interrupt = now
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\nCtrl-C: saving a checkpoint at the end of this step, then exiting with 75 "
+                            b"(resume with --resume auto); press Ctrl-C again to stop at once without saving\n")
+        elif now - self._first_interrupt > self.INTERRUPT_REPEAT_S:
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\nCtrl-C again: stopping now without saving; the checkpoints already written are intact\n")
+            os._exit(128 + signal.SIGINT)
 
     def __enter__(self) -> StopRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        os.close(self._pipe_w)  # the watching thread reads end-of-file and returns
+        self._watcher.join(timeout=5)
+        os.close(self._pipe_r)

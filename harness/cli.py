@@ -5,16 +5,20 @@ docstring) are generated from the dataclass, so `--help` lists every flag with i
 python-fire rejects unknown flags because the function takes no `**kwargs`.
 
 This is also where exceptions become exit statuses (the library never calls sys.exit):
-`HarnessError` and its subclasses print `error: ...` and exit with their `exit_code`;
-`RequeueRequested` exits 75 quietly, the loop having logged which checkpoint it saved.
+`HarnessError` and its subclasses print `error: ...` on a line of its own and exit with their
+`exit_code`; `RequeueRequested` exits 75 quietly, the loop having logged which checkpoint it
+saved; a Ctrl-C outside training (e.g. while the libraries import) exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import sys
 from typing import Callable
+
+from tqdm import tqdm
 
 from harness.errors import HarnessError, RequeueRequested
 
@@ -33,8 +37,11 @@ def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...]
         except RequeueRequested as stop:
             sys.exit(stop.exit_code)
         except HarnessError as err:
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print_error(str(err))
             sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            print_error("interrupted (Ctrl-C)")
+            sys.exit(130)
 
     main.__signature__ = inspect.Signature(
         [
@@ -48,6 +55,20 @@ def command(config_cls, run: Callable, summary: str, positional: tuple[str, ...]
     main.__doc__ = f"{summary}\n\nArgs:\n{args}\n"
     main.__name__ = run.__name__
     return main
+
+
+def print_error(message: str) -> None:
+    """`error: ...` on a line of its own, never after a progress bar's last frame: tqdm.write clears
+    this process's open bars first. Another rank's bar may hold the terminal's current line (all
+    ranks write to it): there the error starts with a line break."""
+    line = f"error: {message}"
+    if getattr(tqdm, "_instances", None):
+        tqdm.write(line, file=sys.stderr)
+        sys.stderr.flush()
+        return
+    if os.environ.get("RANK", "0") != "0":
+        line = "\n" + line
+    print(line, file=sys.stderr, flush=True)
 
 
 def _check_argv(names: set[str], n_positional: int = 0) -> None:

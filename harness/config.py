@@ -13,11 +13,13 @@ nothing heavy, so every launcher parses its flags (and answers --help) before to
 
     python -m harness.config              # the flag table of launch/train.py, generated from TrainConfig
     python -m harness.config EvalConfig   # ... of another launcher (PrepareConfig, PlanConfig, BenchConfig, ExportConfig)
+    python -m harness.config resume       # the flags that may change on --resume (MAY_CHANGE_ON_RESUME)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -153,6 +155,40 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Flags that may differ from the checkpoint's run on --resume, and why; every other flag must be
+# equal or the resume is refused, naming the differences. What changed is recorded in config.json
+# ("changed_on_resume"). docs/checkpoints.md shows this table.
+MAY_CHANGE_ON_RESUME = {
+    "output_dir": "where the run writes, not what it computes",
+    "resume": "how the checkpoint is found",
+    "overwrite": "cannot be set with --resume",
+    "local_rank": "set by the launcher",
+    "model": "the folder may move: its config must match the checkpoint's (model fingerprint), and the weights come from the checkpoint",
+    "data": "the file may move: its tokenized rows must match the checkpoint's (data fingerprint)",
+    "micro_batch_size": "with the same global batch (checked): the same rows per step, split otherwise (e.g. on another world size)",
+    "grad_accum_steps": "as --micro_batch_size",
+    "max_steps": "the run's length; refused when the LR schedule depends on it (cosine or linear decay, or --warmup_ratio) and the total number of steps changes, since the rate would jump at the resume",
+    "epochs": "as --max_steps",
+    "save_steps": "when checkpoints are written",
+    "keep_last": "how many are kept",
+    "eval_steps": "when evaluations run (best/ and early stopping then see more or fewer of them)",
+    "log_every": "how often metrics are written",
+    "collective_timeout_s": "failure detection only",
+    "max_bad_steps": "failure handling only",
+    "ds_config": "the file may move or be renamed: its filled content must match (batch sizes aside, checked above)",
+    "dtype": "'auto' may be spelled out: the resolved precision must match",
+    "seq_len": "0 may be spelled out: the resolved seq_len must match",
+    "attn": "the same attention computed by another kernel",
+    "grad_ckpt": "the same gradients, recomputed",
+    "chunked_ce": "the same loss, computed in chunks",
+    "num_proc": "tokenization speed only",
+    "data_cache": "where tokenized data is cached",
+    "eval_batch_size": "evaluation speed and memory only",
+    "trust_remote_code": "a permission, not a setting: the model's config must match anyway",
+    "merge_lora": "what final/ holds besides the adapter",
+}
+
+
 def train_flag_errors(cfg) -> list[str]:
     """Training's rules for its flags; derived configs apply them to the flags they share."""
     errors = []
@@ -183,6 +219,13 @@ def train_flag_errors(cfg) -> list[str]:
         errors.append(f"--max_grad_norm must be >= 0 (0 disables clipping), got {cfg.max_grad_norm}")
     if cfg.weight_decay < 0:
         errors.append(f"--weight_decay must be >= 0, got {cfg.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            errors.append(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.adam_eps <= 0:
+        errors.append(f"--adam_eps must be > 0, got {cfg.adam_eps}")
+    if cfg.lora_alpha <= 0:
+        errors.append(f"--lora_alpha must be > 0, got {cfg.lora_alpha}")
     if cfg.max_bad_steps < 1:
         errors.append(f"--max_bad_steps must be >= 1, got {cfg.max_bad_steps}")
     if cfg.collective_timeout_s < 1:
@@ -238,6 +281,10 @@ def _coerce_types(cfg) -> None:
                 if isinstance(value, bool):
                     raise ValueError
                 value = float(value)
+                if not math.isfinite(value):
+                    # No flag means anything by NaN or infinity: "--lr inf" would train one update
+                    # into non-finite weights, "--lr nan" crash inside the optimizer.
+                    raise HarnessError(f"--{f.name} must be a finite number, got {value}")
             elif want is str:
                 value = str(value)
         except (TypeError, ValueError):
@@ -395,5 +442,12 @@ class ExportConfig:
             raise HarnessError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
+def resume_table() -> str:
+    """The flags that may change on --resume and why: `python -m harness.config resume`."""
+    return "\n".join(["| flag | why it may change |", "| --- | --- |",
+                      *(f"| `--{name}` | {why} |" for name, why in MAY_CHANGE_ON_RESUME.items())])
+
+
 if __name__ == "__main__":
-    print(flags_table(globals()[sys.argv[1]] if len(sys.argv) > 1 else TrainConfig))
+    what = sys.argv[1] if len(sys.argv) > 1 else "TrainConfig"
+    print(resume_table() if what == "resume" else flags_table(globals()[what]))

@@ -6,6 +6,12 @@ from the middle of the prompt, so both its start (BOS, the instruction) and its 
 `seq_len` (or its own length); if the row is still too long, the target is cut at the end, and
 that row loses its EOS. The target is therefore never removed entirely.
 
+Before tokenization, a prompt or target longer than `char_limit(tokenizer, seq_len)` characters
+is cut by characters the same way (prompt: its middle; target: its end). The limit is twice the
+characters that seq_len tokens could ever cover, so the cut never removes a character that token
+truncation would keep; it only spares the tokenizer (and memory) text that could never fit: a
+200 MB row would otherwise be tokenized whole. Such rows are counted in the data report.
+
 Unpacked batches are padded on the right to the longest row in the micro-batch; pad positions
 carry label -100 and attention mask 0, so they change neither the loss nor any real token's
 logits. Packed batches are built by `harness.packing` from the same steps' samples, and
@@ -24,7 +30,9 @@ an epoch's permutation once and hands out slices of it.
 from __future__ import annotations
 
 import bisect
+import codecs
 import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import torch
 
 from harness.errors import HarnessError
@@ -43,7 +52,11 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",
 FORMAT_OPTIONS = {".tsv": {"sep": "\t", "quoting": 3}}
 # Part of the tokenization cache key: change it whenever tokenize_batch or truncate changes
 # what tokens or labels a row gets.
-MASKING_POLICY = "bos+prompt masked, target+eos trained; truncate prompt middle (floor seq_len/2), then target end; v1"
+MASKING_POLICY = ("bos+prompt masked, target+eos trained; truncate prompt middle (floor seq_len/2), then target end; "
+                  "texts first cut to char_limit (prompt middle, target end); v2")
+# Characters cut before tokenization (see char_limit): twice what seq_len tokens can ever cover.
+CHAR_LIMIT_SLACK = 2
+UTF8_BLOCK = 16 << 20
 # A row whose truncated form has no supervised token teaches nothing; a few are dropped and
 # reported, more than this share means the data or seq_len is wrong and we stop.
 MAX_ZERO_SUPERVISED_SHARE = 0.01
@@ -51,11 +64,60 @@ MAX_ZERO_SUPERVISED_SHARE = 0.01
 EVAL_SPLIT_SEED_STRIDE = 104_729
 
 
-def read_rows(path_str: str, what: str = "--data"):
-    """Load a local file or a `save_to_disk` folder as a `datasets.Dataset`; never the hub."""
+def check_data_path(path_str: str, what: str = "--data") -> None:
+    """The cheap checks of a data path (no content read): it exists, has a supported type, is not empty."""
     path = Path(path_str)
     if not path.exists():
         raise HarnessError(f"{what} {path_str}: no such file or folder")
+    if path.is_dir():
+        return
+    if FILE_FORMATS.get(path.suffix.lower()) is None:
+        raise HarnessError(f"{what} {path_str}: unsupported file type {path.suffix!r} "
+                           f"(supported: {', '.join(FILE_FORMATS)} or a save_to_disk folder)")
+    if path.stat().st_size == 0:
+        raise HarnessError(f"{what} {path_str}: the file is empty")
+
+
+def check_utf8(path: Path, what: str) -> None:
+    """Text formats must be UTF-8; name the first line that is not (datasets would fail later,
+    with a traceback, when the row is read). Streams the file: memory stays at one block."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, consumed, last_newline = 1, 0, -1  # absolute byte offsets
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(UTF8_BLOCK), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                # err.start counts from what the decoder held: up to 3 bytes of a character left
+                # open by the previous block, then this block.
+                at = max(0, err.start - (len(err.object) - len(block)))
+                newline = block.rfind(b"\n", 0, at)
+                column = at - newline if newline >= 0 else consumed + at - last_newline
+                line += block.count(b"\n", 0, at)
+                raise HarnessError(f"{what} {path}: line {line} is not valid UTF-8 "
+                                   f"(byte 0x{err.object[err.start]:02x} at byte {column} of the line); "
+                                   f"save the file as UTF-8") from None
+            line += block.count(b"\n")
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                last_newline = consumed + newline
+            consumed += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise HarnessError(f"{what} {path}: line {line} is not valid UTF-8 (the file ends inside a character); "
+                               f"save the file as UTF-8") from None
+
+
+def read_rows(path_str: str, what: str = "--data"):
+    """Load a local file or a `save_to_disk` folder as a `datasets.Dataset`; never the hub.
+
+    Values keep the types the file gives them: CSV has none, so every CSV column is text (pandas
+    would turn a column of "51"s into numbers); a JSON field that holds text in some rows and
+    numbers or lists in others is re-read from the file (`raw_json_columns`).
+    """
+    path = Path(path_str)
+    check_data_path(path_str, what)
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -67,21 +129,63 @@ def read_rows(path_str: str, what: str = "--data"):
             loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
         rows = loaded
     else:
-        kind = FILE_FORMATS.get(path.suffix.lower())
-        if kind is None:
-            raise HarnessError(f"{what} {path_str}: unsupported file type {path.suffix!r} "
-                               f"(supported: {', '.join(FILE_FORMATS)} or a save_to_disk folder)")
-        if path.stat().st_size == 0:
-            raise HarnessError(f"{what} {path_str}: the file is empty")
+        kind = FILE_FORMATS[path.suffix.lower()]
+        options = dict(FORMAT_OPTIONS.get(path.suffix.lower(), {}))
+        if kind != "parquet":
+            check_utf8(path, what)
         try:
-            rows = datasets.load_dataset(kind, data_files=str(path), split="train",
-                                         **FORMAT_OPTIONS.get(path.suffix.lower(), {}))
+            if kind == "csv":
+                header = pd.read_csv(path, nrows=0, **options).columns
+                options["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
         except Exception as err:  # parse errors surface as several exception types
             cause = err.__cause__ or err
             raise HarnessError(f"{what} {path_str}: cannot be read as {kind}: {type(cause).__name__}: {cause}") from None
+        if kind == "json":
+            rows = raw_json_columns(rows, path)
     if len(rows) == 0:
         raise HarnessError(f"{what} {path_str}: the dataset is empty")
     return rows
+
+
+def raw_json_columns(rows, path: Path):
+    """Re-encode the mixed-type fields of a JSON/JSONL file from the file's own values.
+
+    datasets stores a field that holds text in some rows and numbers, lists or objects in others
+    as JSON text (a `Json` feature), but leaves a string that is itself valid JSON ("51", "true",
+    "[1]") unquoted, so it reads back as a number or a list, and a task would then call valid rows
+    bad. The file is streamed again, one record at a time, and each such field rebuilt from the
+    values as written; rows then hold exactly the file's types.
+    """
+    mixed = [name for name, feature in rows.features.items() if type(feature).__name__ == "Json"]
+    if not mixed:
+        return rows
+    values: dict[str, list] = {name: [] for name in mixed}
+    for record in json_records(path):
+        if not isinstance(record, dict):
+            return rows  # a layout datasets read otherwise: keep its reading
+        for name in mixed:
+            value = record.get(name)
+            # Already JSON text: the feature keeps valid JSON as it is, so strings stay strings.
+            values[name].append(None if value is None else json.dumps(value, ensure_ascii=False))
+    if any(len(v) != len(rows) for v in values.values()):
+        return rows
+    # Added beside the old columns first: a table whose only column was removed has no rows left.
+    for name in mixed:
+        rows = rows.add_column(f"{name}.raw", values[name], feature=rows.features[name])
+    return rows.remove_columns(mixed).rename_columns({f"{name}.raw": name for name in mixed})
+
+
+def json_records(path: Path):
+    """The records of a JSON Lines file (one per non-blank line) or of a JSON array."""
+    with open(path, encoding="utf-8") as f:
+        if path.suffix.lower() == ".jsonl":
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+            return
+        loaded = json.load(f)  # a JSON document is one value: datasets reads it whole as well
+    yield from (loaded if isinstance(loaded, list) else [loaded])
 
 
 @dataclass
@@ -109,6 +213,7 @@ class TokenizeStats:
     prompt_lengths: np.ndarray | list[int] = field(default_factory=list)
     target_lengths: np.ndarray | list[int] = field(default_factory=list)
     ends_with_eos: int = 0  # kept rows whose last token is a supervised EOS
+    cut_by_chars: int = 0  # rows whose prompt or target was cut by characters before tokenization (char_limit)
 
 
 def truncate(prompt: list[int], target: list[int], seq_len: int) -> tuple[list[int], list[int]]:
@@ -124,7 +229,29 @@ def truncate(prompt: list[int], target: list[int], seq_len: int) -> tuple[list[i
     return prompt, target[: seq_len - len(prompt)]
 
 
-def tokenize_batch(batch: dict, tokenizer, seq_len: int) -> dict:
+def char_limit(tokenizer, seq_len: int) -> int:
+    """Characters of a prompt or target kept before tokenization.
+
+    No token covers more characters than its vocabulary entry is long (byte-level BPE spells each
+    byte as one character, SentencePiece a space as one), so seq_len tokens never cover more than
+    seq_len x the longest entry: 16 characters for Llama-2's vocabulary, 128 for GPT-2's (runs of
+    64 two-byte characters). Twice that leaves room for normalizers that drop characters.
+    """
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return CHAR_LIMIT_SLACK * seq_len * longest
+
+
+def cut_chars(text: str, limit: int, middle: bool) -> str:
+    """`text` cut to `limit` characters: its middle (a prompt: start and end survive) or its end."""
+    if len(text) <= limit:
+        return text
+    if not middle:
+        return text[:limit]
+    head = (limit + 1) // 2
+    return text[:head] + text[len(text) - (limit - head):]
+
+
+def tokenize_batch(batch: dict, tokenizer, seq_len: int, max_chars: int | None = None) -> dict:
     """`datasets.map(batched=True)` function: prompt/target columns -> tokens, labels, lengths.
 
     Prompt and target are tokenized separately so the mask boundary is exact. BOS (if the
@@ -134,9 +261,12 @@ def tokenize_batch(batch: dict, tokenizer, seq_len: int) -> dict:
     """
     eos = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-    targets = tokenizer(batch["target"], add_special_tokens=False)["input_ids"]
+    limit = max_chars or char_limit(tokenizer, seq_len)
+    cut = [len(p) > limit or len(t) > limit for p, t in zip(batch["prompt"], batch["target"])]
+    prompts = tokenizer([cut_chars(p, limit, middle=True) for p in batch["prompt"]], add_special_tokens=False)["input_ids"]
+    targets = tokenizer([cut_chars(t, limit, middle=False) for t in batch["target"]], add_special_tokens=False)["input_ids"]
     out = {k: [] for k in ("input_ids", "labels", "prompt_len", "target_len", "prompt_truncated", "target_truncated")}
+    out["chars_cut"] = cut
     for prompt, target in zip(prompts, targets):
         prompt, target = bos + prompt, target + [eos]
         kept_prompt, kept_target = truncate(prompt, target, seq_len)
@@ -159,6 +289,7 @@ TOKENIZED_FEATURES = datasets.Features({
     "target_len": datasets.Value("int32"),
     "prompt_truncated": datasets.Value("bool"),
     "target_truncated": datasets.Value("bool"),
+    "chars_cut": datasets.Value("bool"),
 })
 
 
@@ -172,7 +303,8 @@ def tokenize_dataset(examples, tokenizer, seq_len: int, num_proc: int = 1):
     if tokenizer.eos_token_id is None:
         raise HarnessError("the tokenizer has no EOS token; the model could never learn to stop")
     return examples.map(tokenize_batch, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len}, features=TOKENIZED_FEATURES,
+                        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "max_chars": char_limit(tokenizer, seq_len)},
+                        features=TOKENIZED_FEATURES,
                         remove_columns=["prompt", "target"], desc="tokenize")
 
 
@@ -389,6 +521,7 @@ def rows_from_dataset(tokenized, eos_id: int, source: int = 0, digest: str = "")
     kept = np.flatnonzero(src.supervised > 0)
     stats = TokenizeStats(rows=len(src), prompt_truncated=int(column(table, "prompt_truncated").sum()),
                           target_truncated=int(column(table, "target_truncated").sum()),
+                          cut_by_chars=int(column(table, "chars_cut").sum()) if "chars_cut" in table.column_names else 0,
                           zero_supervised=src.rows[src.supervised == 0].tolist(),
                           prompt_lengths=column(table, "prompt_len"), target_lengths=column(table, "target_len"),
                           ends_with_eos=int(src.ends_with_eos[kept].sum()))

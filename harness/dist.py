@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -56,6 +58,13 @@ def info() -> DistInfo:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistInfo(rank, local_rank, world_size, device)
+
+
+def world_size_and_rank() -> tuple[int, int]:
+    """(world size, rank) of the process group; (1, 0) before it exists."""
+    if torch_dist.is_initialized():
+        return torch_dist.get_world_size(), torch_dist.get_rank()
+    return 1, 0
 
 
 def print0(*args, **kwargs) -> None:
@@ -147,8 +156,13 @@ def destroy() -> None:
 
 
 # Heartbeats: every rank records the step it is on in the job's rendezvous store, so that a
-# rank whose collective times out can name the rank that stopped making progress.
+# rank whose collective times out can name the rank that stopped making progress. A rank stopped
+# mid-step (SIGSTOP, a frozen host) is at the same step as the ranks waiting for it, so each rank
+# also records a timestamp from a background thread ("alive"): a stopped process's threads stop
+# too, and its timestamp falls behind the others'.
 HEARTBEAT_KEY = "harness/heartbeat/{}"
+ALIVE_KEY = "harness/alive/{}"
+ALIVE_STALE_BEATS = 3  # missed beats after which a rank counts as stopped
 
 
 def heartbeat(step: int) -> None:
@@ -165,4 +179,55 @@ def last_heartbeats() -> dict[int, int | None]:
     for rank in range(torch_dist.get_world_size()):
         key = HEARTBEAT_KEY.format(rank)
         beats[rank] = int(store.get(key)) if store.check([key]) else None
+    return beats
+
+
+class Liveness:
+    """A daemon thread that writes this rank's wall-clock time into the store every `every_s`."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = None
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            self._store, self._key = torch_dist.distributed_c10d._get_default_store(), ALIVE_KEY.format(torch_dist.get_rank())
+            self._beat()  # the first beat before any collective can wait for this rank
+            self._thread = threading.Thread(target=self._run, name="harness-liveness", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        self._store.set(self._key, f"{time.time():.3f}")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self._beat()
+            except Exception:  # the store is gone (process group destroyed, rank 0's host down): stop quietly
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> Liveness:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def liveness_interval(timeout_s: float) -> float:
+    """Beat often enough that a stopped rank is told apart well within the collective timeout,
+    rarely enough that thousands of ranks do not load the store (at most 1 per 30 s each)."""
+    return min(30.0, max(1.0, timeout_s / 10))
+
+
+def last_alive() -> dict[int, float | None]:
+    """rank -> the wall-clock time of its last liveness beat (None: never)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return {}
+    store = torch_dist.distributed_c10d._get_default_store()
+    beats: dict[int, float | None] = {}
+    for rank in range(torch_dist.get_world_size()):
+        key = ALIVE_KEY.format(rank)
+        beats[rank] = float(store.get(key)) if store.check([key]) else None
     return beats

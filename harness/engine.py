@@ -274,6 +274,23 @@ class Engine:
         )
         return out[:, input_ids.shape[1]:].cpu()
 
+    def non_finite_weights(self) -> list[str]:
+        """Names of the weights that hold a NaN or Inf on any rank (empty: all finite); all ranks
+        must call it. Each rank checks what it holds (under ZeRO-3 its partition, `ds_tensor`):
+        one pass over the weights, one host sync and one collective; names are gathered only
+        when something is wrong."""
+        named = [(n, getattr(p, "ds_tensor", p)) for n, p in self.ds.module.named_parameters()]
+        named = [(n, t) for n, t in named if t.numel()]
+        per_device: dict[torch.device, list[torch.Tensor]] = {}
+        for _, t in named:
+            per_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+        # One host sync per device the weights live on (two at most: the GPU and, offloaded, the CPU).
+        local_bad = sum(int((~torch.stack(flags)).sum()) for flags in per_device.values())
+        if dist.all_reduce_sum([float(local_bad)])[0] == 0:
+            return []
+        mine = [n for n, t in named if not bool(torch.isfinite(t).all())]  # the failure path only
+        return sorted({n for names in dist.all_gather_objects(mine) for n in names})
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The complete model weights on rank 0 (None elsewhere); all ranks must call it.
 

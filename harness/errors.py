@@ -18,6 +18,13 @@ class TrainingAborted(HarnessError):
     exit_code = 3
 
 
+class NonFiniteWeights(TrainingAborted):
+    """The weights hold NaN or Inf: neither a checkpoint nor final/ or best/ is written from them.
+
+    Exit status 3, like any aborted training: nothing usable came out of the last steps.
+    """
+
+
 class CollectiveTimeout(HarnessError):
     """A collective waited longer than --collective_timeout_s: some rank hung or died."""
 

@@ -108,7 +108,8 @@ def prepare(task: ModuleType, examples: list[Example], cfg, tokenizer, seq_len: 
                        tokenizer.eos_token_id, stop_ids)
     loss_rows, _ = data.tokenize(examples, tokenizer, seq_len)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    raw = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    limit = data.char_limit(tokenizer, seq_len)  # text that could never fit is not tokenized (see harness.data)
+    raw = tokenizer([data.cut_chars(e.prompt, limit, middle=True) for e in examples], add_special_tokens=False)["input_ids"]
     # The same truncation policy as training (cut the middle of the prompt), with the answer's
     # room standing in for the target.
     prompts = [data.truncate(bos + ids, [0] * room, seq_len)[0] for ids in raw]

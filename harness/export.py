@@ -27,13 +27,13 @@ from transformers import AutoModelForCausalLM
 
 from harness import checkpoint, dist, engine as engine_mod, model as model_mod
 from harness.config import ExportConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, NonFiniteWeights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export(cfg: ExportConfig) -> Path:
-    ckpt = checkpoint.resolve_resume(cfg.checkpoint, Path(cfg.checkpoint))
+    ckpt = checkpoint.resolve_resume(cfg.checkpoint, Path(cfg.checkpoint), content=True)
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out} exists and is not empty; choose another folder")
@@ -75,7 +75,15 @@ def compare_with_checkpoint(folder: Path, ckpt: Path, dtype: torch.dtype) -> lis
 
 
 def save_model(engine: engine_mod.Engine, setup, out: Path, name: str, info: dist.DistInfo) -> Path:
-    """`out/<name>/` (final/ or best/) from the live engine; `setup` is the run's preflight.TrainSetup."""
+    """`out/<name>/` (final/ or best/) from the live engine; `setup` is the run's preflight.TrainSetup.
+
+    Never from non-finite weights: every rank checks what it holds first (a collective), and a NaN
+    or Inf anywhere fails the run (exit 3) with nothing published and an existing folder kept."""
+    bad = engine.non_finite_weights()
+    if bad:
+        raise NonFiniteWeights(f"the weights hold NaN or Inf ({', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}); "
+                               f"{out / name} was not written. Newest checkpoint that verifies by content: "
+                               f"{checkpoint.newest_verified(out / 'checkpoints', warn=lambda _: None, content=True) or 'none'}")
     state_dict = engine.full_state_dict()  # collective under ZeRO-3: every rank takes part
     final, staging = out / name, out / f"{name}.tmp"
     if info.is_rank0:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as transformers_logging
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from harness.errors import HarnessError
 
@@ -37,10 +38,56 @@ def check_model_dir(path: str, trust_remote_code: bool):
     remote_causal = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (remote_causal and trust_remote_code):
         raise HarnessError(f"--model {path}: model_type {config.model_type!r} is not a causal (decoder) LM")
-    if not any(folder.glob("*.safetensors")):
+    why = not_decoder_only(config)
+    if why:
+        raise HarnessError(f"--model {path}: {why}; this harness fine-tunes decoder-only causal LMs")
+    check_weight_files(folder, path)
+    check_weights_match(path, trust_remote_code)
+    return config
+
+
+def not_decoder_only(config) -> str | None:
+    """Why a config that transformers can load as a causal LM is not a decoder-only one, or None.
+
+    Having a causal-LM class is not enough: transformers wraps encoders (BERT, RoBERTa, ELECTRA...)
+    and the decoder half of encoder-decoders (BART...) in one, and would train e.g. a masked-LM
+    BERT folder as a causal LM, from a head and attention it was never trained with.
+    """
+    architectures = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False):
+        return f"model_type {config.model_type!r} is an encoder-decoder model (is_encoder_decoder is true)"
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return (f"model_type {config.model_type!r} is an encoder (a masked-LM family; architectures "
+                f"{architectures or 'not given'}, is_decoder is false)")
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    masked = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values())
+    if architectures and not causal & set(architectures) and masked & set(architectures):
+        return f"its architectures {architectures} are masked-LM heads, not a causal LM"
+    return None
+
+
+def check_weight_files(folder: Path, path: str) -> None:
+    """Every safetensors file has a readable header that covers the file, and every shard an index
+    names exists: a truncated or missing shard fails here, not minutes later inside the load."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
         raise HarnessError(f"--model {path}: no *.safetensors weights (only safetensors are loaded, "
                            f"never pickled .bin files)")
-    return config
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            raise HarnessError(f"--model {path}: cannot read {index.name} ({err})") from None
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise HarnessError(f"--model {path}: {index.name} names shards that are not in the folder: "
+                               f"{', '.join(missing)}")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own error type (and OSError) for a bad header
+            raise HarnessError(f"--model {path}: {file.name} is damaged or truncated ({err})") from None
 
 
 def max_positions(config) -> int | None:
@@ -101,15 +148,22 @@ def load_tokenizer(path: str, trust_remote_code: bool):
 
 
 def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_code: bool):
-    """Load for training. Call inside `engine.Zero3LoadContext` so ZeRO-3 shards at load time."""
-    model = AutoModelForCausalLM.from_pretrained(
+    """Load for training. Call inside `engine.Zero3LoadContext` so ZeRO-3 shards at load time.
+
+    Every weight of the model must come from the folder and every tensor of the folder must be
+    used: transformers would otherwise initialise the missing ones at random (and drop the
+    unexpected ones) with only a log line, and the run would fine-tune a partly random model.
+    """
+    model, report = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=DTYPES[dtype],
         attn_implementation=attn,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
         use_safetensors=True,
+        output_loading_info=True,
     )
+    check_load_report(path, report)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if grad_ckpt:
         # Non-reentrant checkpointing works with ZeRO-3's parameter hooks and with inputs that
@@ -121,6 +175,43 @@ def load_model(path: str, dtype: str, attn: str, grad_ckpt: bool, trust_remote_c
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()  # from_pretrained returns eval mode, which also disables checkpointing
     return model
+
+
+def check_weights_match(path: str, trust_remote_code: bool) -> None:
+    """The load report of a dry run on the meta device (headers only, no weight is read): every
+    weight the model needs is in the folder and every tensor in the folder is used. Before any
+    expensive work; the real load checks its own report again (`load_model`), which under ZeRO-3
+    lists missing weights but, in transformers 5.x, not unexpected ones."""
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()  # our error names the weights; its table would repeat them on every rank
+    transformers_logging.disable_progress_bar()  # nothing is loaded: a "Loading weights" bar would mislead
+    try:
+        _, report = AutoModelForCausalLM.from_pretrained(path, device_map="meta", trust_remote_code=trust_remote_code,
+                                                         local_files_only=True, use_safetensors=True,
+                                                         output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise HarnessError(f"--model {path}: cannot be loaded as a causal LM: {str(err).splitlines()[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+    check_load_report(path, report)
+
+
+def check_load_report(path: str, report: dict) -> None:
+    """Refuse a load that left weights missing, unused or of the wrong shape (transformers' report)."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the folder (they would start random)"),
+                      ("unexpected_keys", "in the folder but not in the model"),
+                      ("mismatched_keys", "of another shape than the model's")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in report.get(key) or ())
+        if names:
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            problems.append(f"{len(names)} weight(s) {what}: {shown}")
+    if report.get("error_msgs"):
+        problems.append("; ".join(str(m) for m in report["error_msgs"][:3]))
+    if problems:
+        raise HarnessError(f"--model {path}: the weights do not match the model's architecture:\n  " + "\n  ".join(problems))
 
 
 def count_parameters(path: str) -> int:

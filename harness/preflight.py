@@ -6,11 +6,22 @@ disk room for checkpoints) is found here, on every rank, and raised as a Harness
 the cause. What it resolved comes back as one frozen `TrainSetup`; the training loop reads it
 and never changes it.
 
+Two stages. `early_checks` needs no other rank and runs before the process group starts (so
+before DeepSpeed compiles anything): the run directory and a resume candidate (by size), the
+model folder (config, architecture, every safetensors header, tokenizer), seq_len, precision,
+attention kernel, the DeepSpeed config file, task, template, LoRA targets, and that every data
+file exists, has a supported type and is not empty. `preflight` then does what needs the process
+group or the data's contents: the embedded default model (built by rank 0 first), --ds_config
+auto (rank 0 decides), reading and tokenizing the data (local rank 0, cached), the eval set, the
+batch arithmetic, the resume checkpoint's content hashes (shared out over the ranks) and its
+flags, the disk room for checkpoints, and the data report.
+
 Nothing is written or deleted here, except the tokenization cache (harness.data_cache).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,7 +34,52 @@ from harness.config import TrainConfig
 from harness.ds_config import BatchSizes
 from harness.errors import HarnessError
 from harness.schedule import warmup_steps
-from harness.tasks.common import load_template
+from harness.tasks.common import errors_about, load_template
+
+
+@dataclass(frozen=True)
+class EarlyInputs:
+    """What `early_checks` resolved; `preflight` goes on from here."""
+
+    model_path: str  # "" until the embedded default is built (in preflight)
+    model_config: object | None
+    data_path: str
+    eval_data_path: str
+    resume_candidate: Path | None  # newest checkpoint whose sizes match its manifest
+    raw_ds_config: dict | None  # None for --ds_config auto
+    tokenizer: object | None
+    lora_params: int
+
+
+def early_checks(cfg: TrainConfig, device) -> EarlyInputs:
+    """Every check that needs no other rank, nothing compiled and nothing written (see the module doc)."""
+    out = Path(cfg.output_dir)
+    resume_candidate = checkpoint.resolve_resume(cfg.resume, out, warn=lambda _: None)  # preflight warns, after hashing
+    rundir.check_output_dir(out, cfg.overwrite, cfg.resume, resume_candidate)
+    model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
+    if not data_path:
+        data_path = str(default_assets.default_data_path())
+        eval_path = eval_path or str(default_assets.default_eval_data_path())
+    model_config = tokenizer = None
+    lora_params = 0
+    if model_path:
+        model_config = model_mod.check_model_dir(model_path, cfg.trust_remote_code)
+        seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
+        if cfg.packing:
+            attention.check_model(model_config, seq_len)
+        tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
+        if cfg.lora:
+            lora_params = model_mod.lora_parameters(model_config, cfg.lora_targets, cfg.lora_r, cfg.trust_remote_code)
+    dtype = model_mod.resolve_dtype(cfg.dtype, device)
+    model_mod.resolve_attention(cfg.attn, device, dtype)
+    raw_ds = None if cfg.ds_config == "auto" else ds_config.load(cfg.ds_config)
+    tasks.get(cfg.task)
+    load_template(cfg.template)
+    for path, _ in data.parse_data_spec(data_path):
+        data.check_data_path(path, "--data")
+    if eval_path:
+        data.check_data_path(eval_path, "--eval_data")
+    return EarlyInputs(model_path, model_config, data_path, eval_path, resume_candidate, raw_ds, tokenizer, lora_params)
 
 
 @dataclass(frozen=True)
@@ -53,6 +109,9 @@ class TrainSetup:
     resume_from: Path | None
     resume_state: dict | None  # the checkpoint's trainer_state.json
     report: dict  # data_report.json
+    # One entry per resume that changed a flag allowed to change (config.MAY_CHANGE_ON_RESUME):
+    # {"resumed_from", "step", "changes": {flag: [in the checkpoint, now]}}, the checkpoint's own first.
+    changed_on_resume: tuple = ()
 
     @property
     def evaluates(self) -> bool:
@@ -80,26 +139,33 @@ class TrainSetup:
                 "metric_for_best": self.metric_for_best,
             },
             "ds_config": self.ds_config,
+            "changed_on_resume": list(self.changed_on_resume),
         }
 
 
-def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -> TrainSetup:
+def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None,
+              early: EarlyInputs | None = None) -> TrainSetup:
     """Check every input and resolve every setting; raise HarnessError naming what is wrong.
 
-    `nonce` (dist.shared_nonce, the same on every rank) names this job's tokenization error files.
+    `nonce` (dist.shared_nonce, the same on every rank) names this job's tokenization error files;
+    `early` is what `early_checks` resolved (run now if not given).
     """
+    early = early or early_checks(cfg, info.device)
     out = Path(cfg.output_dir)
-    resume_from = checkpoint.resolve_resume(cfg.resume, out)
-    rundir.check_output_dir(out, cfg.overwrite, cfg.resume, resume_from)
+    # The resume candidate, now also by content (a collective: the files are shared out over the ranks).
+    resume_from = checkpoint.resolve_resume(cfg.resume, out, content=True)
+    if resume_from != early.resume_candidate:
+        rundir.check_output_dir(out, cfg.overwrite, cfg.resume, resume_from)
 
     # The model, precision, attention kernel and DeepSpeed config.
-    model_path, data_path, eval_path = cfg.model, cfg.data, cfg.eval_data
+    model_path, data_path, eval_path = early.model_path, early.data_path, early.eval_data_path
+    model_config, tokenizer, lora_params = early.model_config, early.tokenizer, early.lora_params
     if not model_path:
         model_path = str(default_model_dir_on_rank0_first())
-    if not data_path:
-        data_path = str(default_assets.default_data_path())
-        eval_path = eval_path or str(default_assets.default_eval_data_path())
-    model_config = model_mod.check_model_dir(model_path, cfg.trust_remote_code)
+        model_config = model_mod.check_model_dir(model_path, cfg.trust_remote_code)
+        tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
+        if cfg.lora:
+            lora_params = model_mod.lora_parameters(model_config, cfg.lora_targets, cfg.lora_r, cfg.trust_remote_code)
     seq_len = model_mod.resolve_seq_len(cfg.seq_len, model_config)
     dtype = model_mod.resolve_dtype(cfg.dtype, info.device)
     attn = model_mod.resolve_attention(cfg.attn, info.device, dtype)
@@ -107,11 +173,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     if cfg.packing:
         attention.check_model(model_config, seq_len)
         attn_kernel = attention.kernel_for(info.device, model_mod.DTYPES[dtype])
-    tokenizer = model_mod.load_tokenizer(model_path, cfg.trust_remote_code)
     ds_name = auto_ds_config(model_path, info, cfg, seq_len) if cfg.ds_config == "auto" else cfg.ds_config
-    raw_ds = ds_config.load(ds_name)
-    lora_params = (model_mod.lora_parameters(model_config, cfg.lora_targets, cfg.lora_r, cfg.trust_remote_code)
-                   if cfg.lora else 0)
+    raw_ds = early.raw_ds_config if early.raw_ds_config is not None else ds_config.load(ds_name)
 
     # The data: every source tokenized (or read from the cache), mixed, and the eval set.
     task = tasks.get(cfg.task)
@@ -120,8 +183,9 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     nonce = nonce or dist.shared_nonce()
 
     def load(i: int, path: str, what: str) -> tuple[data.TokenizedRows, data.TokenizeStats, bool]:
-        tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
-                                              cfg.num_proc, info.local_rank, nonce, what)
+        with errors_about(f"{what} {path}"):
+            tokenized, hit = data_cache.tokenized(path, model_path, cfg, task, template, tokenizer, seq_len,
+                                                  cfg.num_proc, info.local_rank, nonce, what)
         rows, stats = data.rows_from_dataset(tokenized, tokenizer.eos_token_id, source=i,
                                              digest=data_cache.recorded_digest(tokenized))
         data.check_supervised(stats, f"{what} {path}")
@@ -133,7 +197,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     held_out = [0] * len(sources)
     eval_examples = []
     if eval_path:
-        eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
+        with errors_about(f"--eval_data {eval_path}"):
+            eval_examples = task.examples(data.read_rows(eval_path, "--eval_data"), cfg, template)
     elif cfg.eval_split:
         # Per source, before mixing: an up-sampled source repeats rows, and a row held out must
         # not come back into training as its own copy.
@@ -180,9 +245,8 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
     data_report = report.build([report.SourceReport(path, weight, stats, n, hit, held)
                                 for (path, weight), (_, stats, hit), n, held in zip(sources, loaded, in_mix, held_out)],
                                tokenizer, batches, min(total, sampler.steps_per_epoch), seq_len)
-    dist.print0(report.summary(data_report))
     stats = [s for _, s, _ in loaded]
-    return TrainSetup(
+    setup = TrainSetup(
         cfg=cfg, model_path=model_path, data_path=data_path, eval_data_path=eval_path, seq_len=seq_len, dtype=dtype,
         attn=attn, attn_kernel=attn_kernel, batch=batch, ds_config=filled, total_steps=total, sampler=sampler, batches=batches,
         train_rows=train_rows, tokenizer=tokenizer, eval_set=eval_set, metric_for_best=metric,
@@ -191,6 +255,18 @@ def preflight(cfg: TrainConfig, info: dist.DistInfo, nonce: str | None = None) -
                "target_truncated": sum(s.target_truncated for s in stats),
                "zero_supervised_dropped": [r for s in stats for r in s.zero_supervised]},
         fingerprints=fingerprints, resume_from=resume_from, resume_state=resume_state, report=data_report)
+    if resume_state is not None:
+        # Every flag that changes the run must equal the checkpoint's; the ones that may change are recorded.
+        recorded = resume_state.get("config", {})
+        changes = checkpoint.resume_changes(resume_from, recorded, setup.resolved())
+        changes = {k: v for k, v in changes.items() if k not in ("resume", "overwrite", "local_rank")}
+        history = list(recorded.get("changed_on_resume", []))
+        if changes:
+            history.append({"resumed_from": str(resume_from), "step": resume_state["step"], "changes": changes})
+            dist.print0("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        setup = dataclasses.replace(setup, changed_on_resume=tuple(history))
+    dist.print0(report.summary(data_report))
+    return setup
 
 
 def auto_ds_config(model_path: str, info: dist.DistInfo, cfg: TrainConfig, seq_len: int) -> str:

@@ -60,7 +60,9 @@ def source_entry(src: SourceReport) -> dict:
         },
         "prompt_tokens": length_summary(s.prompt_lengths),
         "target_tokens": length_summary(s.target_lengths),
-        "rows_truncated": {"prompt": s.prompt_truncated, "target_lost_eos": s.target_truncated},
+        "rows_truncated": {"prompt": s.prompt_truncated, "target_lost_eos": s.target_truncated,
+                           # far longer than seq_len tokens could hold: cut by characters first (data.char_limit)
+                           "cut_by_chars_before_tokenization": s.cut_by_chars},
         "targets_ending_with_trained_eos": s.ends_with_eos,
     }
 
@@ -120,7 +122,10 @@ def summary(report: dict) -> str:
         dropped = s["rows_dropped"]["no_supervised_token_after_truncation"]
         lines.append(f"  {s['path']}: {s['rows_read']} rows read, {dropped['count']} dropped (no supervised token), "
                      f"{s['rows_in_mix']} in the mix; truncated: {s['rows_truncated']['prompt']} prompts, "
-                     f"{s['rows_truncated']['target_lost_eos']} targets; cache {'hit' if s['tokenization_cache_hit'] else 'miss'}")
+                     f"{s['rows_truncated']['target_lost_eos']} targets"
+                     + (f" ({s['rows_truncated']['cut_by_chars_before_tokenization']} rows first cut by characters)"
+                        if s['rows_truncated'].get('cut_by_chars_before_tokenization') else "")
+                     + f"; cache {'hit' if s['tokenization_cache_hit'] else 'miss'}")
         for part in ("prompt_tokens", "target_tokens"):
             t = s[part]
             lines.append(f"    {part}: mean {t['mean']} p50 {t['p50']} p90 {t['p90']} p99 {t['p99']} max {t['max']}")

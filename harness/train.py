@@ -4,14 +4,17 @@
     torchrun --nproc_per_node 8 launch/train.py ...     # same flags
     python launch/train.py                               # one process, embedded default
 
-Reading order: `run` -> `harness.preflight.preflight` (everything that can be wrong with the
-inputs, checked on every rank before any weights are loaded) -> `train` (load, resume, the loop).
+Reading order: `run` (signal handlers, the run-directory lock, `harness.preflight.early_checks`
+before the process group starts, then `harness.preflight.preflight`: everything that can be wrong
+with the inputs, checked on every rank before any weights are loaded) -> `train` (load, resume,
+the loop).
 One optimizer step of the loop: data -> forward/backward micro-steps -> optimizer step -> loss
 and stop vote -> bad-step guard -> log -> eval -> save.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -27,7 +30,7 @@ from harness.engine import Engine, Zero3LoadContext, init_distributed
 from harness.errors import CollectiveTimeout, RequeueRequested, TrainingAborted
 from harness.batches import Prefetcher
 from harness.metrics import MetricsLogger
-from harness.preflight import TrainSetup, preflight
+from harness.preflight import TrainSetup, early_checks, preflight
 from harness.schedule import lr_lambda
 from harness.throughput import StepTimer, StepTokens, Window, flop_model, peak_flops, peak_memory
 
@@ -42,26 +45,38 @@ class RunResult:
 
 
 def run(cfg: TrainConfig) -> RunResult:
-    info = init_distributed(cfg.collective_timeout_s)
-    nonce = dist.shared_nonce()  # before any check can fail, so every rank reaches this collective
-    setup = dist.checked_on_every_rank(preflight, cfg, info, nonce)
-    try:
-        return train(setup, info)
-    except RequeueRequested:
-        dist.destroy()  # the process exits next, asking to be requeued
-        raise
-    except RuntimeError as err:
-        if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+    dist.ensure_launcher_env()
+    # Signal handlers first: a SIGUSR1/SIGTERM/Ctrl-C that arrives during the checks or while the
+    # model loads is kept, and the run saves and stops at its first step boundary.
+    with checkpoint.StopRequest() as stop, contextlib.ExitStack() as held:
+        if dist.info().is_rank0:
+            held.enter_context(rundir.RunLock(Path(cfg.output_dir)))  # one run per folder; the first write
+        # Every check that needs no other rank, before the process group starts (and DeepSpeed
+        # compiles its communication op on the CPU).
+        early = early_checks(cfg, dist.info().device)
+        info = init_distributed(cfg.collective_timeout_s)
+        alive_every_s = dist.liveness_interval(cfg.collective_timeout_s)
+        held.enter_context(dist.Liveness(alive_every_s))
+        nonce = dist.shared_nonce()  # before any check can fail, so every rank reaches this collective
+        setup = dist.checked_on_every_rank(preflight, cfg, info, nonce, early)
+        try:
+            return train(setup, info, stop)
+        except RequeueRequested:
+            dist.destroy()  # the process exits next, asking to be requeued
             raise
-        raise CollectiveTimeout(describe_hang(info, cfg.collective_timeout_s, err)) from err
+        except RuntimeError as err:
+            if "timeout" not in str(err).lower() and "timed out" not in str(err).lower():
+                raise
+            raise CollectiveTimeout(describe_hang(info, cfg.collective_timeout_s, err, alive_every_s)) from err
 
 
-def train(setup: TrainSetup, info: dist.DistInfo) -> RunResult:
+def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) -> RunResult:
     cfg, total = setup.cfg, setup.total_steps
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    rundir.prepare(out, setup.resume_from, setup.resume_state["step"] if setup.resume_state else 0, info)
     engine = build_engine(setup)
+    # Only now is anything in the run directory replaced: a model that fails to load leaves it as it was.
+    rundir.prepare(out, setup.resume_from, setup.resume_state["step"] if setup.resume_state else 0, info)
     # Record the kernel transformers actually installed, not the one we asked for.
     setup = dataclasses.replace(setup, attn=getattr(engine.module.config, "_attn_implementation", None) or setup.attn)
     rundir.write_run_files(out, setup.resolved(), setup.report, info)
@@ -99,7 +114,7 @@ def train(setup: TrainSetup, info: dist.DistInfo) -> RunResult:
     # The next step's batches are built on a background thread while the device runs this one;
     # pinned on a GPU so the engine's non_blocking copies overlap with compute.
     prefetch = Prefetcher(setup.batches, info.rank, total, pin=info.device.type == "cuda")
-    with MetricsLogger(out, info.is_rank0, total, start_step) as logger, checkpoint.StopRequest() as stop, prefetch:
+    with MetricsLogger(out, info.is_rank0, total, start_step) as logger, prefetch:
         if setup.evaluates and start_step == 0:
             evaluate_and_log(engine, setup, best, info, logger, 0)  # the baseline every later eval is read against
         engine.train()
@@ -224,9 +239,11 @@ class BadStepGuard:
         logger.write(f"step {step}: non-finite loss or gradient norm; update skipped "
                      f"({self.in_a_row} in a row); data rows {rows}")
         if self.in_a_row >= self.max_in_a_row:
-            last_good = checkpoint.newest_verified(self.checkpoints, warn=lambda _: None)
+            # Named only if its files still match their hashes (every rank checks a share: all are here).
+            newest = checkpoint.newest_verified(self.checkpoints, warn=lambda _: None, content=True)
             raise TrainingAborted(f"{self.in_a_row} consecutive optimizer steps had a non-finite loss or gradient "
-                                  f"norm (last at step {step}); aborting. Last good checkpoint: {last_good or 'none'}")
+                                  f"norm (last at step {step}); aborting. Newest checkpoint that verifies by "
+                                  f"content: {newest or 'none'}")
 
 
 def step_rows(setup: TrainSetup, step: int) -> list[int]:
@@ -268,10 +285,26 @@ def save_hf_files(engine: Engine, setup: TrainSetup, folder: Path) -> None:
     setup.tokenizer.save_pretrained(folder)
 
 
-def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception) -> str:
-    beats = dist.last_heartbeats()
+def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception, alive_every_s: float) -> str:
+    """Name the ranks the others waited for: behind in steps, or silent (a stopped process, a
+    frozen host: at the same step, but its liveness beats have stopped while the others' went on)."""
+    first = str(err).splitlines()[0]
+    try:
+        beats, alive = dist.last_heartbeats(), dist.last_alive()
+    except Exception as store_err:  # the store lives on rank 0's host: it may be what died
+        return (f"rank {info.rank} waited more than --collective_timeout_s {timeout_s} in a collective; the rendezvous "
+                f"store does not answer ({store_err}), so the lagging rank is unknown. First error: {first}")
     mine = beats.get(info.rank)
-    laggards = {r: s for r, s in beats.items() if r != info.rank and (s is None or mine is None or s < mine)}
-    who = ", ".join(f"rank {r} (last at step {s})" for r, s in sorted(laggards.items())) or "unknown (no rank is behind)"
+    newest = max((t for t in alive.values() if t is not None), default=None)
+    laggards = []
+    for r, s in sorted(beats.items()):
+        if r == info.rank:
+            continue
+        silent = newest - alive[r] if newest is not None and alive.get(r) is not None else 0.0
+        stopped = silent > dist.ALIVE_STALE_BEATS * alive_every_s
+        if s is None or mine is None or s < mine or stopped:
+            laggards.append(f"rank {r} (last at step {s}" + (f"; no sign of life for {silent:.0f} s: stopped, or its "
+                                                             f"host is down" if stopped else "") + ")")
+    who = ", ".join(laggards) or "unknown (no rank is behind or silent)"
     return (f"rank {info.rank} waited more than --collective_timeout_s {timeout_s} in a collective at step {mine}; "
-            f"lagging: {who}. First error: {str(err).splitlines()[0]}")
+            f"lagging: {who}. First error: {first}")

@@ -218,7 +218,8 @@ def test_consecutive_bad_steps_abort_naming_the_last_good_checkpoint(tiny_model,
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     faults.install(monkeypatch.setattr, nan_at_steps=(3, 4))
     out = tmp_path / "run"
-    with pytest.raises(TrainingAborted, match=r"2 consecutive .* \(last at step 4\).* Last good checkpoint: .*step-2") as aborted:
+    with pytest.raises(TrainingAborted, match=r"2 consecutive .* \(last at step 4\).* Newest checkpoint that verifies "
+                                              r"by content: .*step-2") as aborted:
         run(TrainConfig(**ckpt_flags(tiny_model, parity_data, out, max_bad_steps=2)))
     # The abort closed what the run opened, even while its frames live on in the traceback: the
     # process has its own signal handlers back and holds no file of the run directory open.
@@ -320,7 +321,7 @@ def test_resume_path_that_is_not_a_checkpoint(tiny_model, parity_data, tmp_path)
 
 def test_no_room_for_keep_last_is_refused(tiny_model, parity_data, tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 10**6, 10**6))
-    with pytest.raises(HarnessError, match="--save_steps 2 with --keep_last 2 needs about .* GiB free"):
+    with pytest.raises(HarnessError, match="--save_steps 2 with --keep_last 2 needs about .* 976.6 KiB free"):
         preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, tmp_path / "run")), CPU1)
 
 
@@ -381,6 +382,211 @@ def test_resume_on_another_world_size_through_universal_checkpoint(ds_config, ti
     assert result.losses == pytest.approx(train_losses(two)[4:], abs=1e-5)
 
 
+# -- nothing is published from non-finite weights -------------------------------------------------
+
+def test_non_finite_weights_are_never_checkpointed_or_published(tiny_model, parity_data, tmp_path, monkeypatch):
+    faults.install(monkeypatch.setattr, nan_weights_at_steps=(4,))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingAborted, match=r"NaN or Inf after step 4 \(model.embed_tokens.weight\); checkpoint "
+                                              r"step-4 was not written. Newest checkpoint that verifies: .*step-2") as err:
+        run(TrainConfig(**ckpt_flags(tiny_model, parity_data, out)))
+    assert err.value.exit_code == 3
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")] == ["step-2"]
+    assert not (out / "final").exists() and not (out / "final.tmp").exists()
+
+
+def test_non_finite_weights_never_become_final(tiny_model, parity_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)  # what a user may still have from before: kept as it was
+    (out / "config.json").write_text(json.dumps({"harness_version": "0.1.0"}))
+    faults.install(monkeypatch.setattr, nan_weights_at_steps=(2,))
+    with pytest.raises(TrainingAborted, match=r"final was not written"):
+        run(TrainConfig(**parity_flags(tiny_model, parity_data, out, max_steps=2, overwrite=True)))
+    assert not (out / "final").exists() and not list(out.glob("final*"))  # --overwrite emptied it; nothing new
+
+
+@pytest.mark.slow
+def test_non_finite_weights_on_one_zero3_rank_stop_every_rank(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    proc = launch_with_fault(dict(nan_weights_at_steps=[2], rank=1), "torchrun", 2,
+                             as_argv(parity_flags(tiny_model, parity_data, out, max_steps=2, ds_config="zero3",
+                                                  micro_batch_size=2)))
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: the weights hold NaN or Inf") == 2, proc.stderr[-3000:]  # both ranks agree
+    assert "exitcode  : 3" in proc.stderr or "exitcode: 3" in proc.stderr
+    assert not (out / "final").exists()
+
+
+# -- checkpoints verified by content --------------------------------------------------------------
+
+def fake_checkpoint(root, step, payload=b"weights" * 1000):
+    """A committed checkpoint folder with a manifest, hashed the way save() hashes."""
+    tmp = root / f"step-{step}.tmp"
+    (tmp / "ds").mkdir(parents=True)
+    (tmp / "ds" / "shard.pt").write_bytes(payload)
+    digests = checkpoint.fsync_tree(tmp, lambda path: True)
+    checkpoint.write_manifest(tmp, step, 2, "fp", 1, digests)
+    checkpoint.commit(tmp, root / f"step-{step}")
+    return root / f"step-{step}"
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size: the size check cannot see it
+
+
+def test_a_checkpoint_changed_without_changing_its_size_fails_its_content_check(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 2)
+    newest = fake_checkpoint(root, 4)
+    flip_a_byte(newest / "ds" / "shard.pt")
+    assert checkpoint.verify(newest)[1] == ""  # sizes still match
+    warnings = []
+    assert checkpoint.newest_verified(root, warn=warnings.append, content=True).name == "step-2"
+    assert "step-4" in warnings[0] and "ds/shard.pt does not match its content hash" in warnings[0]
+    with pytest.raises(HarnessError, match="the checkpoint is corrupt: ds/shard.pt does not match"):
+        checkpoint.resolve_resume(str(newest), tmp_path, content=True)
+
+
+def test_the_nan_abort_never_names_a_corrupt_checkpoint(tmp_path):
+    from harness.metrics import MetricsLogger
+    from harness.train import BadStepGuard
+
+    root = tmp_path / "checkpoints"
+    flip_a_byte(fake_checkpoint(root, 2) / "ds" / "shard.pt")
+    guard = BadStepGuard(1, root, lambda step: [])
+    with pytest.raises(TrainingAborted, match="Newest checkpoint that verifies by content: none"):
+        guard.check(3, False, float("nan"), MetricsLogger(tmp_path, False, 3))
+
+
+@pytest.mark.slow
+def test_resume_auto_falls_back_past_a_corrupt_checkpoint(uninterrupted, tiny_model, parity_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    flip_a_byte(next((out / "checkpoints" / "step-8" / "ds").glob("*optim_states.pt")))
+    setup = preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, out, resume="auto")), CPU1)
+    assert setup.resume_from.name == "step-6"
+    printed = capsys.readouterr().out
+    assert "warning: ignoring checkpoint" in printed and "step-8" in printed and "does not match its content hash" in printed
+
+
+# -- resume refuses a changed run, records an allowed change ----------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, message", [
+    (dict(lr=2e-3), r"--lr is 0.002, the checkpoint's run had 0.001"),
+    (dict(weight_decay=0.1, adam_beta2=0.99), r"--weight_decay is 0.1, the checkpoint's run had 0.0\n  --adam_beta2 is 0.99"),
+    (dict(lr_schedule="cosine", max_steps=12), r"the run now has 12 steps, the checkpoint's run had 8, and the cosine"),
+    (dict(max_grad_norm=0.5, warmup_steps=2), r"--warmup_steps is 2, .*\n  --max_grad_norm is 0.5, .*\n  the filled "
+                                              r"DeepSpeed config differs in gradient_clipping"),
+    (dict(lora=True), r"--lora is True"),
+])
+def test_resume_refuses_a_flag_that_changes_the_run(change, message, uninterrupted, tiny_model, parity_data):
+    flags = ckpt_flags(tiny_model, parity_data, uninterrupted, resume="auto", **change)
+    with pytest.raises(HarnessError, match=f"cannot resume from .*step-8: this run is not the one it saved:\n  .*{message}"):
+        preflight(TrainConfig(**flags), CPU1)
+
+
+@pytest.mark.slow
+def test_resume_records_the_flags_allowed_to_change(uninterrupted, tiny_model, parity_data):
+    # The checkpoint's run has the default cosine schedule, so its length must stay; these change
+    # when and how the same computation runs.
+    flags = ckpt_flags(tiny_model, parity_data, uninterrupted, resume="auto", save_steps=4, keep_last=5, log_every=2,
+                       micro_batch_size=2, grad_accum_steps=2)
+    setup = preflight(TrainConfig(**flags), CPU1)
+    (entry,) = setup.resolved()["changed_on_resume"]
+    assert entry["step"] == 8 and entry["resumed_from"].endswith("step-8")
+    assert entry["changes"] == {"save_steps": [2, 4], "keep_last": [2, 5], "log_every": [1, 2],
+                                "micro_batch_size": [4, 2], "grad_accum_steps": [1, 2]}
+
+
+@pytest.mark.slow
+def test_a_longer_constant_schedule_may_resume(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    launch_ok("python", 1, as_argv(ckpt_flags(tiny_model, parity_data, out, lr_schedule="constant", max_steps=4)))
+    setup = preflight(TrainConfig(**ckpt_flags(tiny_model, parity_data, out, lr_schedule="constant", max_steps=6,
+                                               resume="auto")), CPU1)
+    assert setup.resolved()["changed_on_resume"][0]["changes"] == {"max_steps": [4, 6], "total_steps": [4, 6]}
+
+
+# -- signals: Ctrl-C, and a signal while the model loads ---------------------------------------------
+
+def start_plain(argv, script=ROOT / "launch" / "train.py", env=None):
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV_VARS}
+    return subprocess.Popen([sys.executable, str(script), *argv], cwd=ROOT, env={**clean, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc, out, n, timeout=180):
+    deadline = time.time() + timeout
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < n:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_75_then_resumes_bitwise(tiny_model, parity_data, tmp_path):
+    flags = dict(max_steps=40, lr_schedule="constant")
+    ref = tmp_path / "ref"
+    launch_ok("python", 1, as_argv(parity_flags(tiny_model, parity_data, ref, **flags)))
+    out = tmp_path / "run"
+    argv = as_argv(parity_flags(tiny_model, parity_data, out, **flags))
+    proc = start_plain(argv)
+    try:
+        wait_for_steps(proc, out, 2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "Traceback" not in stderr and "press Ctrl-C again to stop at once" in stderr
+    saved = checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None)
+    assert saved is not None and 2 <= int(saved.name.split("-")[1]) < 40
+    launch_ok("python", 1, argv + ["--resume=auto"])
+    assert_same_run(out, ref)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    # Hangs in step 3 like a stuck collective: only the second Ctrl-C can end it.
+    proc = start_plain(as_argv(parity_flags(tiny_model, parity_data, out, max_steps=40)),
+                       script=WITH_FAULTS, env=faults.env(at="step", action="hang", step=3))
+    try:
+        wait_for_steps(proc, out, 2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.5)  # more than StopRequest.INTERRUPT_REPEAT_S: a second Ctrl-C, not the same one seen twice
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Ctrl-C again: stopping now without saving" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_usr1_while_the_model_loads_saves_at_the_first_step(tiny_model, parity_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start_plain(as_argv(parity_flags(tiny_model, parity_data, out, max_steps=40)), script=WITH_FAULTS,
+                       env=faults.env(at="load_model", action="usr1"))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert checkpoint.newest_verified(out / "checkpoints", warn=lambda _: None).name == "step-1"
+
+
+# -- a stopped rank is named ----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_stopped_rank_is_named_by_the_hang_timeout(tiny_model, parity_data, tmp_path):
+    # SIGSTOP inside step 3, after its heartbeat and its optimizer step, before the step's own
+    # all-reduce (loss and stop votes): both ranks report step 3, only liveness tells them apart.
+    # (Not inside backward: that leaves the others in DeepSpeed's shared-memory all-reduce of the
+    # CPU accelerator, which has no timeout at all; NCCL's does.)
+    proc = launch_with_fault(dict(at="collective", action="stop", rank=1, step=3), "torchrun", 2,
+                             as_argv(parity_flags(tiny_model, parity_data, tmp_path / "run", collective_timeout_s=10)))
+    assert proc.returncode != 0
+    assert "lagging: rank 1 (last at step 3; no sign of life for" in proc.stderr, proc.stderr[-3000:]
 # -- safe loading: a checkpoint file that would run code is refused -----------------------------
 
 class CodeOnLoad:
@@ -399,9 +605,11 @@ def plant_payload(ckpt, pattern: str, marker):
     target = next((ckpt / "ds").glob(pattern))
     torch.save({"module": CodeOnLoad(marker), "optimizer_state_dict": {}}, target)
     manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
-    manifest["files"][str(target.relative_to(ckpt))] = target.stat().st_size
+    with open(target, "rb") as f:  # its size and content hash, as a save would have recorded them
+        manifest["files"][str(target.relative_to(ckpt))] = {"size": target.stat().st_size,
+                                                            checkpoint.HASH: checkpoint.file_hash(f)}
     checkpoint.write_json(ckpt / checkpoint.MANIFEST, manifest)
-    assert checkpoint.verify(ckpt)[0] is not None
+    assert checkpoint.verify(ckpt)[0] is not None and checkpoint.verify_content(ckpt, manifest) == ""
     torch.load(target, weights_only=False)  # the payload is live: an unrestricted load runs it
     assert marker.read_text() == "code ran"
     marker.unlink()

@@ -94,6 +94,52 @@ def test_every_launcher_help_lists_its_flags(cls, script):
     assert proc.returncode == 0 and all(f"--{name}=" in text for name in flag_docs(cls)), proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "warmup_ratio",
+                                  "min_lr_ratio", "max_grad_norm", "epochs", "eval_split", "lora_alpha", "lora_dropout"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_every_float_flag_must_be_finite(name, value):
+    with pytest.raises(HarnessError, match=f"--{name} must be a finite number"):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("cls, name", [(PlanConfig, "gpu_gib"), (BenchConfig, "lr")])
+def test_derived_float_flags_must_be_finite(cls, name):
+    with pytest.raises(HarnessError, match=f"--{name} must be a finite number"):
+        cls(**{"model": "m", name: float("nan")})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(adam_beta1=1.0), "--adam_beta1 must be in"), (dict(adam_beta2=-0.1), "--adam_beta2 must be in"),
+    (dict(adam_eps=0.0), "--adam_eps must be > 0"), (dict(lora_alpha=0.0), "--lora_alpha must be > 0"),
+])
+def test_optimizer_flags_in_range(flags, message):
+    with pytest.raises(HarnessError, match=message):
+        TrainConfig(**flags)
+
+
+def test_lr_inf_on_the_command_line_is_a_clear_error(tmp_path):
+    proc = run_cli("--lr", "inf", "--output_dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "error: --lr must be a finite number, got inf" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_error_never_shares_a_line_with_the_progress_bar(capsys, monkeypatch):
+    from tqdm import tqdm
+
+    from harness.cli import command
+
+    def training(cfg):
+        bar = tqdm(total=10, desc="train")  # still open when the error surfaces
+        bar.update(3)
+        raise HarnessError("the disk is full")
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit) as exit_:
+        command(TrainConfig, training, "t")()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").split("\n") if "error:" in line]
+    assert lines == ["error: the disk is full"], err
 @pytest.mark.parametrize("args", [["--template", "{instruction} -> "], ["--template={instruction} -> "],
                                   ["--labels", "negative,positive"], ["--model", "007"]])
 def test_text_flags_arrive_as_typed(args, monkeypatch):

@@ -155,7 +155,7 @@ def test_preflight_report_counts_on_a_crafted_file(tiny_model, tmp_path):
     [src] = report["sources"]
     assert src["rows_read"] == src["rows_kept"] == 16 and not src["tokenization_cache_hit"]
     # The long-target rows' prompts (37 tokens) also give way down to seq_len / 2 first.
-    assert src["rows_truncated"] == {"prompt": 3, "target_lost_eos": 2}
+    assert src["rows_truncated"] == {"prompt": 3, "target_lost_eos": 2, "cut_by_chars_before_tokenization": 0}
     assert src["targets_ending_with_trained_eos"] == 14
     assert src["prompt_tokens"]["max"] > 300 and src["target_tokens"]["max"] > 300
     assert src["target_tokens"]["p50"] < 10

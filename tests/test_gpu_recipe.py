@@ -2,7 +2,8 @@
 first fail there.
 
 - ds_configs.py writes configs the harness accepts, with torch's fused AdamW (no op build);
-- make_model.py --weights False gives a folder the harness's own loading code initialises randomly;
+- make_model.py --weights False gives a folder the harness refuses (every weight missing) and that
+  train_wrapped.py lets through, the harness's own loading code then initialising it randomly;
 - the profiler table counts each kernel once (a CPU operator's device time is its kernels' time);
 - collect.py turns a run's metrics into the figures (MFU time-weighted, profiled steps left out) and
   reports a missing artifact as missing;
@@ -23,6 +24,7 @@ from conftest import ROOT
 from harness import ds_config, model as model_mod
 from harness.config import TrainConfig
 from harness.ds_config import BatchSizes
+from harness.errors import HarnessError
 
 
 def script(name: str):
@@ -45,11 +47,17 @@ def test_gpu_ds_configs_use_torch_fused_adamw_and_pass_the_harness_checks(tmp_pa
         assert filled["zero_optimization"] == json.loads((ROOT / "ds_configs" / name).read_text())["zero_optimization"]
 
 
-def test_a_folder_without_weights_loads_with_every_weight_initialised(tiny_model, tmp_path):
+def test_a_folder_without_weights_is_refused_by_the_harness_and_loads_random_in_the_wrapper(tiny_model, tmp_path,
+                                                                                          monkeypatch):
     out = tmp_path / "tiny-7b"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu" / "make_model.py"), "tiny-7b", str(out),
                     f"--tokenizer={tiny_model}", "--weights=False"], check=True, capture_output=True, cwd=ROOT)
     assert sum(f.stat().st_size for f in out.glob("*.safetensors")) < 1024  # no weights written
+    with pytest.raises(HarnessError, match=r"weight\(s\) missing from the folder"):
+        model_mod.check_model_dir(str(out), False)
+    wrapped = script("train_wrapped")
+    assert wrapped.placeholder_only(str(out)) and not wrapped.placeholder_only(str(tiny_model))
+    monkeypatch.setattr(model_mod, "check_load_report", wrapped.random_init_check(model_mod.check_load_report))
     model_mod.check_model_dir(str(out), False)
     model = model_mod.load_model(str(out), "fp32", "sdpa", False, False)
     shape = script("make_model").SHAPES["tiny-7b"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,3 +51,15 @@ def name_rows(rows: list[int]) -> str:
     shown = ", ".join(str(r) for r in rows[:MAX_ROWS_NAMED])
     more = f" and {len(rows) - MAX_ROWS_NAMED} more" if len(rows) > MAX_ROWS_NAMED else ""
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+@contextlib.contextmanager
+def errors_about(source: str):
+    """Name the flag and file (e.g. "--eval_data dev.jsonl") in a HarnessError raised inside that
+    does not name it already: a task's "bad rows" message does not know which file it read."""
+    try:
+        yield
+    except HarnessError as err:
+        if str(err).startswith(source.split(" ", 1)[0] + " "):
+            raise
+        raise type(err)(f"{source}: {err}") from None

@@ -2,7 +2,7 @@
 
     python scripts/gpu/make_model.py llama-1b  models/llama-1b                 # tokenizer: .gpu/llama_tokenizer
     python scripts/gpu/make_model.py llama2-7b models/llama2-7b --tokenizer path/to/llama_tokenizer
-    python scripts/gpu/make_model.py llama2-7b models/llama2-7b --weights False   # config + tokenizer only
+    python scripts/gpu/make_model.py llama2-7b models/llama2-7b --weights False   # config + tokenizer only (train_wrapped.py)
     python scripts/gpu/make_model.py llama-20m models/llama-20m --tokenizer $DATA/llama_tokenizer  # CPU benchmarks
 
 The tokenizer is the real Llama-2 one (a folder holding its `tokenizer.model` and a
@@ -14,9 +14,10 @@ embedding size, which is what its FLOPs and memory depend on.
 Weights are bf16, initialised directly in bf16 on the GPU when there is one (seconds), else on the
 CPU, and written with save_pretrained (safetensors). `--weights False` writes no weights: the folder
 holds the config, the tokenizer and a `model.safetensors` of one placeholder value that matches no
-parameter, so loading the folder (the harness's own loading code, ZeRO-3's load-time sharding
-included) initialises every weight randomly, as the model's init does. The 7B shape then costs no
-13.5 GB write and read; a run on such a folder measures speed and memory, and its losses start from
+parameter. launch/train.py refuses such a folder (every weight missing); `scripts/gpu/train_wrapped.py`
+lets it through, and the harness's own loading code (ZeRO-3's load-time sharding included) then
+initialises every weight randomly, as the model's init does. The 7B shape then costs no 13.5 GB
+write and read; a run on such a folder measures speed and memory, and its losses start from
 whatever the seed gives.
 
 `tiny-1b` and `tiny-7b` are stand-ins with the same features (grouped KV heads and tied embeddings,

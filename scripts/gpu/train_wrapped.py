@@ -13,6 +13,11 @@ harness itself knows nothing about them:
                    peak resident set of this process, peak host memory in use on the machine
                    (MemTotal - MemAvailable, pinned DeepSpeed buffers included), CUDA
                    max_memory_allocated / max_memory_reserved, the cap.
+  (none)           a model folder written by `make_model.py --weights False` (config, tokenizer and
+                   one placeholder tensor) loads with every weight initialised by the model's own
+                   init: the harness refuses a load with missing weights (they would start random
+                   unnoticed), and this wrapper lets exactly that kind of folder through
+                   (`random_init_check`), saying so. Every other folder is checked as the harness does.
   PROFILE_STEPS    S:N - torch.profiler records optimizer steps S+1 .. S+N (step S warms it up);
                    PROFILE_OUT receives the device kernels by total time, the time per category
                    (matmul, attention, loss, normalisation, optimizer, communication, copies, other),
@@ -33,10 +38,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))  # the harness, without installing it
 GiB = 2**30
+PLACEHOLDER_KEY = "random_init_placeholder"  # the one tensor of a make_model.py --weights False folder
 CATEGORIES = [  # first match wins; kernel names are lower-cased
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|matmul|\bmm\b|addmm|linear"),
     ("attention", r"flash|fmha|attention|attn|sdpa|efficient"),
@@ -58,6 +65,31 @@ def cap_gpu_memory() -> str:
     fraction = min(1.0, float(cap) * GiB / total)
     torch.cuda.set_per_process_memory_fraction(fraction, 0)
     return f"GPU memory capped at {cap} GiB: fraction {fraction:.4f} of {total / GiB:.1f} GiB"
+
+
+def placeholder_only(path: str) -> bool:
+    """Whether the model folder's only tensor is make_model.py's placeholder (a folder without weights)."""
+    keys = set()
+    for file in Path(path).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            keys.update(f.keys())
+    return keys == {PLACEHOLDER_KEY}
+
+
+def random_init_check(check):
+    """harness.model.check_load_report, except for a folder without weights (see the module doc):
+    there every weight is missing by design and the placeholder is the one unexpected tensor."""
+
+    def check_load_report(path: str, report: dict) -> None:
+        unexpected = [k for k in report.get("unexpected_keys") or () if k != PLACEHOLDER_KEY]
+        if (placeholder_only(path) and not unexpected and not report.get("mismatched_keys")
+                and not report.get("error_msgs")):
+            print(f"{path}: no weights (make_model.py --weights False): every weight initialised randomly by the "
+                  f"model's init", flush=True)
+            return
+        check(path, report)
+
+    return check_load_report
 
 
 def host_used_bytes() -> int:
@@ -204,6 +236,9 @@ def main() -> None:
     if os.environ.get("PEAKS_OUT"):
         peaks = Peaks(Path(os.environ["PEAKS_OUT"]), note)
         peaks.start()
+    from harness import model as model_mod  # the wrapped check; importing it first changes nothing in the run
+
+    model_mod.check_load_report = random_init_check(model_mod.check_load_report)
     prof = start_profiler()
     sys.argv = [str(ROOT / "launch" / "train.py"), *sys.argv[1:]]
     try:
