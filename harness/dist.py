@@ -215,6 +215,49 @@ class Liveness:
         self.close()
 
 
+class StepDeadline:
+    """Ends the process when one phase of a training step (a micro-step's forward and backward, the
+    optimizer step, the step's loss read) runs longer than `timeout_s`, after `on_expiry` has said
+    which rank the job waited for.
+
+    A collective waiting for a hung rank must fail the job within --collective_timeout_s. The
+    backends' own timeouts do not cover every wait: DeepSpeed's shared-memory all-reduce (the CPU
+    accelerator's) spins with none, and NCCL's watchdog tears the process down without naming the
+    rank it waited for. The main thread is then stuck inside the collective, where no exception
+    can reach it, so this thread watches from outside. Each phase re-arms it: a long step of many
+    micro-steps never counts against the limit as a whole.
+    """
+
+    def __init__(self, timeout_s: float, on_expiry):
+        self.timeout_s, self.on_expiry = timeout_s, on_expiry
+        self._since: float | None = None
+        self._stop = threading.Event()
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:  # one process waits on no one
+            threading.Thread(target=self._run, name="harness-step-deadline", daemon=True).start()
+
+    def arm(self) -> None:
+        self._since = time.monotonic()
+
+    def disarm(self) -> None:
+        self._since = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 10)):
+            since = self._since
+            if since is not None and time.monotonic() - since > self.timeout_s:
+                self.on_expiry()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def __enter__(self) -> StepDeadline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def liveness_interval(timeout_s: float) -> float:
     """Beat often enough that a stopped rank is told apart well within the collective timeout,
     rarely enough that thousands of ranks do not load the store (at most 1 per 30 s each)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +61,10 @@ def run(cfg: TrainConfig) -> RunResult:
         held.enter_context(dist.Liveness(alive_every_s))
         nonce = dist.shared_nonce()  # before any check can fail, so every rank reaches this collective
         setup = dist.checked_on_every_rank(preflight, cfg, info, nonce, early)
+        deadline = held.enter_context(dist.StepDeadline(
+            cfg.collective_timeout_s, lambda: fail_hung_step(info, cfg.collective_timeout_s, alive_every_s)))
         try:
-            return train(setup, info, stop)
+            return train(setup, info, stop, deadline)
         except RequeueRequested:
             dist.destroy()  # the process exits next, asking to be requeued
             raise
@@ -70,7 +74,8 @@ def run(cfg: TrainConfig) -> RunResult:
             raise CollectiveTimeout(describe_hang(info, cfg.collective_timeout_s, err, alive_every_s)) from err
 
 
-def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) -> RunResult:
+def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest,
+          deadline: dist.StepDeadline) -> RunResult:
     cfg, total = setup.cfg, setup.total_steps
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
@@ -136,9 +141,12 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
 
             # Forward/backward micro-steps accumulate the gradient of the token-weighted step loss;
             # then the optimizer step. The loss sums stay on the device.
+            # Each phase arms the deadline that fails a step stuck waiting for a hung rank.
             local_loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
             for batch in data.micro_batches:
+                deadline.arm()
                 local_loss_sum += engine.forward_backward(batch, data.supervised, timer).double()
+            deadline.arm()
             updated = engine.optimizer_step(timer)
 
             # The step's ONE device-to-host read (the sync budget; tests/test_sync.py counts it):
@@ -147,8 +155,10 @@ def train(setup: TrainSetup, info: dist.DistInfo, stop: checkpoint.StopRequest) 
             # gradient norm on log steps. It waits for the step to finish, which the reads inside
             # DeepSpeed's step (the overflow check, the clipping norm) already did.
             norm = engine.last_grad_norm() if logs else None
+            deadline.arm()
             loss_sum, stop_votes, *read_norm = dist.sum_and_read([local_loss_sum, float(stop.requested)],
                                                                  [norm] if norm is not None else [])
+            deadline.disarm()
             loss = loss_sum / data.supervised
             losses.append(loss)
             tokens_seen += data.real
@@ -285,10 +295,18 @@ def save_hf_files(engine: Engine, setup: TrainSetup, folder: Path) -> None:
     setup.tokenizer.save_pretrained(folder)
 
 
-def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception, alive_every_s: float) -> str:
+def fail_hung_step(info: dist.DistInfo, timeout_s: int, alive_every_s: float) -> None:
+    """The step deadline expired: this rank waits in a collective no timeout ends. Say who it waits
+    for, then end the process (the main thread, stuck in the collective, cannot raise)."""
+    message = describe_hang(info, timeout_s, None, alive_every_s)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(CollectiveTimeout.exit_code)
+
+
+def describe_hang(info: dist.DistInfo, timeout_s: int, err: Exception | None, alive_every_s: float) -> str:
     """Name the ranks the others waited for: behind in steps, or silent (a stopped process, a
     frozen host: at the same step, but its liveness beats have stopped while the others' went on)."""
-    first = str(err).splitlines()[0]
+    first = str(err).splitlines()[0] if err is not None else "none raised (the step's deadline expired)"
     try:
         beats, alive = dist.last_heartbeats(), dist.last_alive()
     except Exception as store_err:  # the store lives on rank 0's host: it may be what died
