@@ -5,7 +5,9 @@ stalls the host until the device has caught up, so the host can no longer queue 
 it. The loop's budget (harness/train.py says why each read is there):
 
     harness       1 per step: the all-reduced [loss sum, stop votes (+ grad norm on log steps)], one copy
-    transformers  0 (packed rows carry their boundaries; no mask is built, nothing is rediscovered)
+    transformers  0 on packed rows (they carry their boundaries; no mask is built, nothing is
+                  rediscovered); on padded micro-batches (--packing False) transformers' own 2 per
+                  forward (masking_utils asks whether the padding mask lets SDPA use is_causal)
     DeepSpeed     its own, measured here (deepspeed 0.19.8) and documented in docs/performance.md:
                   ZeRO-2: 2 (`is_invalid_grad_norm` on the overflow check and on the clipping norm)
                   ZeRO-3: 1 (`is_invalid_grad_norm`)
@@ -81,13 +83,13 @@ def count_reads(monkeypatch, flags: dict) -> dict[int, collections.Counter]:
     return reads
 
 
-def check_budget(reads: dict, steps: range, stage: str) -> None:
+def check_budget(reads: dict, steps: range, stage: str, padded_forwards: int = 0) -> None:
     for step in steps:  # not the first (warm-up) nor the last step (the final export follows it)
         by_origin = collections.Counter()
         for (who, _), n in reads[step].items():
             by_origin[who] += n
         detail = "\n".join(f"  {n} x {who}: {where}" for (who, where), n in reads[step].items())
-        for who, limit in BUDGET.items():
+        for who, limit in {**BUDGET, "transformers": 2 * padded_forwards}.items():
             assert by_origin[who] <= limit, f"step {step}: {by_origin[who]} {who} reads, budget {limit}:\n{detail}"
         assert by_origin["deepspeed"] <= DEEPSPEED[stage], f"step {step}: DeepSpeed reads grew:\n{detail}"
         assert by_origin["harness"] == 1, detail  # the loss is read every step (NaN guard, stop vote)
@@ -105,7 +107,7 @@ def test_one_device_read_per_optimizer_step(stage, packing, chunked_ce, tiny_mod
                          chunked_ce=chunked_ce, micro_batch_size=2, grad_accum_steps=2, log_every=2, max_steps=5)
     reads = count_reads(monkeypatch, flags)
     assert sum(reads[1].values()) > 0  # the patch sees reads at all: the test could fail
-    check_budget(reads, range(2, 5), stage)
+    check_budget(reads, range(2, 5), stage, padded_forwards=0 if packing else 2)
 
 
 @pytest.mark.cuda
