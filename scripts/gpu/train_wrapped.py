@@ -18,8 +18,8 @@ harness itself knows nothing about them:
                    init: the harness refuses a load with missing weights (they would start random
                    unnoticed), and this wrapper lets exactly that kind of folder through
                    (`random_init_check`), saying so. Every other folder is checked as the harness does.
-  PROFILE_STEPS    S:N - torch.profiler records optimizer steps S+1 .. S+N (step S warms it up);
-                   PROFILE_OUT receives the device kernels by total time, the time per category
+  PROFILE_STEPS    S:N - with PROFILE_OUT set, torch.profiler records optimizer steps S+1 .. S+N
+                   (step S warms it up); PROFILE_OUT receives the device kernels by total time, the time per category
                    (matmul, attention, loss, normalisation, optimizer, communication, copies, other),
                    and how busy the device was between the first and last kernel. The steps are
                    counted by wrapping harness.engine.Engine.optimizer_step.
@@ -202,11 +202,13 @@ def profile_table(prof, steps: int, path: Path) -> None:
 
 
 def start_profiler():
-    spec = os.environ.get("PROFILE_STEPS")
-    if not spec:
+    # Both or nothing: run_checks.sh exports PROFILE_STEPS to every step, and only the step that
+    # names a PROFILE_OUT is profiled (no table lands in the working folder by default).
+    spec, out = os.environ.get("PROFILE_STEPS"), os.environ.get("PROFILE_OUT")
+    if not (spec and out):
         return None
     skip, steps = (int(x) for x in spec.split(":"))
-    out = Path(os.environ.get("PROFILE_OUT", "profile.txt"))
+    out = Path(out)
     from harness import engine  # the wrapped verb; importing it first changes nothing in the run
 
     activities = [torch.profiler.ProfilerActivity.CPU]
