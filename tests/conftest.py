@@ -75,6 +75,12 @@ def parity_data(tmp_path_factory) -> Path:
     return path
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as a JSONL file at `path` (returned)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

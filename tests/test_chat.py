@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import as_argv, launch_ok, read_metrics, train_losses
+from conftest import as_argv, launch_ok, read_metrics, train_losses, write_jsonl
 from harness import chat_template, data_cache, default_assets, evaluation
 from harness.config import EvalConfig, TrainConfig
 from harness.data import IGNORE_INDEX
@@ -33,11 +33,6 @@ CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "And of Italy?"}, {"role": "assistant", "content": "Rome, the eternal city."}]
 END_OF_TURN = {"llama3": "<|eot_id|>", "llama3_generation": "<|eot_id|>", "chatml_qwen": "<|im_end|>",
                "chatml_generation": "<|im_end|>", "mistral_inst": "</s>"}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from harness import data
 from harness.config import TrainConfig
 from harness.labels import IGNORE_INDEX
@@ -23,11 +24,6 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, write_jsonl
 from harness import data, data_cache, default_assets, tasks
 from harness.batches import StepBatches
 from harness.config import PrepareConfig, TrainConfig
@@ -19,11 +19,6 @@ from harness.preflight import preflight
 from harness.prepare import prepare
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 ROWS = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"} for w in

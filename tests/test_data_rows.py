@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from conftest import write_jsonl
 from harness import data
 from harness.config import TrainConfig
 from harness.errors import HarnessError
@@ -16,11 +17,6 @@ def tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_non_utf8_bytes_are_named_by_line(tmp_path):

@@ -1,7 +1,6 @@
 """The data path at scale: memory-mapped rows, the permutation once per epoch, per-step cost that
 does not grow with the data, the eval split before mixing."""
 
-import json
 import random
 import sys
 import tracemalloc
@@ -12,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from conftest import write_jsonl
 from harness import data, data_cache, report
 from harness.batches import StepBatches
 from harness.config import TrainConfig
@@ -20,11 +20,6 @@ from harness.labels import IGNORE_INDEX
 from harness.preflight import preflight
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def arrow_rows(n: int, length: int = 40, batch: int = 1000, eos: int = 2):

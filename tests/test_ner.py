@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import as_argv, launch_ok, read_metrics
+from conftest import as_argv, launch_ok, read_metrics, write_jsonl
 from harness import data, evaluation
 from harness.config import EvalConfig, TrainConfig
 from harness.dist import DistInfo
@@ -18,11 +18,6 @@ from harness.train import preflight, run
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 TAGS = "O,B-PER,I-PER,B-LOC,I-LOC"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 # --- chunking, listing, parsing ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import as_argv, launch_ok, read_metrics
+from conftest import as_argv, launch_ok, read_metrics, write_jsonl
 from harness import checkpoint, data, default_assets, evaluation
 from harness.config import EvalConfig, TrainConfig, flag_docs
 from harness.dist import DistInfo
@@ -19,11 +19,6 @@ from harness.train import run
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 LABELS = "negative,positive"
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="session")

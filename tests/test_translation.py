@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import as_argv, launch_ok, read_metrics
+from conftest import as_argv, launch_ok, read_metrics, write_jsonl
 from harness import evaluation
 from harness.config import EvalConfig, TrainConfig
 from harness.dist import DistInfo
@@ -19,11 +19,6 @@ from harness.train import preflight, run
 
 CPU1 = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 LANGS = dict(source_lang="English", target_lang="Digits")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def refs(*texts):
